@@ -1,0 +1,192 @@
+"""Delta: one named delta: its layers (one per touched module), its tensors, and how it merges.
+
+A method subclasses Delta, sets ``default_roles`` and ``supported_types``, and implements
+``make_layer``; anything more unusual (model-level inputs, shared tensors) overrides ``build``.
+Layers live in ``self.layers`` keyed by module path with "/" for "." (ModuleDict keys cannot hold
+dots); ``delta_state_dict`` turns them back into ``<module path>.<tensor>`` keys.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, MergeError, TargetError
+from . import arch
+from .config import DeltaConfig
+from .layer import DeltaLayer, ParamCopy
+from .targets import select
+
+ROOT_KEY = "@"  # layer key of the model's root module
+
+
+def path_to_key(path: str) -> str:
+    return path.replace(".", "/") if path else ROOT_KEY
+
+
+def key_to_path(key: str) -> str:
+    return "" if key == ROOT_KEY else key.replace("/", ".")
+
+
+class Delta(nn.Module):
+    config_cls: ClassVar[type[DeltaConfig]]
+    default_roles: ClassVar[tuple[str, ...]] = ()
+    supported_types: ClassVar[tuple[type, ...]] = ()  # empty: any module type
+
+    def __init__(self, name: str, config: DeltaConfig, model: nn.Module):
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.layers = nn.ModuleDict()
+        self.build(model)
+        self.add_heads(model)
+        if not len(self.layers):
+            raise TargetError(f"delta {name!r} ({config.method}) touches no module of the model.")
+
+    # -- building ---------------------------------------------------------------------------------
+    def target_pattern(self, model: nn.Module) -> list[str] | str:
+        if self.config.targets is not None:
+            return self.config.targets
+        return arch.role_patterns(model, self.default_roles, self.config.method)
+
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The modules this delta attaches to, with a clear error for unsupported types."""
+        cfg = self.config
+        found = select(model, self.target_pattern(model), layers=cfg.layers, exclude=cfg.exclude,
+                       method=cfg.method)
+        saved = set(self.head_names(model))
+        found = [(n, m) for n, m in found if n.split(".", 1)[0] not in saved]
+        if not self.supported_types:
+            return found
+        ok = [(n, m) for n, m in found if isinstance(m, self.supported_types)]
+        bad = [(n, m) for n, m in found
+               if not isinstance(m, self.supported_types) and not any(True for _ in m.children())]
+        # named suffixes that hit an unsupported leaf are a mistake; a regex or default may be broad
+        if not ok or (bad and isinstance(cfg.targets, list)):
+            raise self._type_error(bad or found)
+        return ok
+
+    def _type_error(self, bad: list[tuple[str, nn.Module]]) -> TargetError:
+        kinds = ", ".join(t.__name__ for t in self.supported_types)
+        listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in bad[:5])
+        return TargetError(
+            f"method {self.config.method!r} supports {kinds} modules, but targets match {listed}. "
+            f"Narrow `targets` to modules of a supported type."
+        )
+
+    def build(self, model: nn.Module) -> None:
+        for path, module in self.targets(model):
+            self.add_layer(path, self.make_layer(path, module))
+
+    def make_layer(self, path: str, module: nn.Module) -> DeltaLayer:
+        raise NotImplementedError
+
+    def add_layer(self, path: str, layer: DeltaLayer) -> None:
+        self.layers[path_to_key(path)] = layer
+
+    def head_names(self, model: nn.Module) -> list[str]:
+        """Modules trained fully and saved whole: the config's, or the model's fresh task head."""
+        names = self.config.modules_to_save
+        return arch.head_modules(model) if names is None else names
+
+    def add_heads(self, model: nn.Module) -> None:
+        for head in self.head_names(model):
+            matches = select(model, [head], method=self.config.method)
+            for hpath, hmod in matches:
+                for sub, m in hmod.named_modules():
+                    if any(True for _ in m.parameters(recurse=False)):
+                        path = f"{hpath}.{sub}" if sub else hpath
+                        if path_to_key(path) not in self.layers:
+                            self.add_layer(path, ParamCopy(m))
+
+    def paths(self) -> list[str]:
+        return [key_to_path(k) for k in self.layers]
+
+    # -- training-loop hooks (no-ops unless a method needs them) ---------------------------------
+    def regularization(self) -> torch.Tensor | None:
+        """An extra loss term (orthogonality, L0 penalty, ...); None when the method has none."""
+        return None
+
+    def on_step(self, step: int) -> None:
+        """Called once per optimizer step by ``DeltaModel.step`` (budget schedules, ...)."""
+
+    # -- merging --------------------------------------------------------------------------------
+    @property
+    def mergeable(self) -> bool:
+        return all(layer.mergeable for layer in self.layers.values())
+
+    def merge(self, model: nn.Module) -> None:
+        bad = [k for k, layer in self.layers.items() if not layer.mergeable]
+        if bad:
+            raise MergeError(
+                f"delta {self.name!r} ({self.config.method}) cannot be merged: "
+                f"{type(self.layers[bad[0]]).__name__} at {key_to_path(bad[0]) or '<model>'} has no "
+                f"weight to fold into. Keep it unmerged (it still runs), or use a mergeable method."
+            )
+        self._check_untied(model)
+        for key, layer in self.layers.items():
+            layer.merge(model.get_submodule(key_to_path(key)))
+
+    def _check_untied(self, model: nn.Module) -> None:
+        """Merging into a tied weight (GPT-2's wte = lm_head) would change its twin too."""
+        owners: dict[int, list[str]] = {}
+        for path, module in model.named_modules():
+            for n, p in module.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append(f"{path}.{n}" if path else n)
+        for key in self.layers:
+            path = key_to_path(key)
+            module = model.get_submodule(path)
+            for n, p in module.named_parameters(recurse=False):
+                if len(owners.get(id(p), [])) > 1:
+                    raise MergeError(
+                        f"cannot merge delta {self.name!r}: {path}.{n} is tied to "
+                        f"{', '.join(o for o in owners[id(p)] if o != f'{path}.{n}')}, which merging "
+                        f"would change too. Keep it unmerged, or exclude that module from targets."
+                    )
+
+    def unmerge(self, model: nn.Module) -> None:
+        for key, layer in reversed(list(self.layers.items())):
+            layer.unmerge(model.get_submodule(key_to_path(key)))
+
+    # -- state ------------------------------------------------------------------------------------
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a save writes: ``<module path>.<tensor>`` keys (root tensors unprefixed)."""
+        return {self._save_key(k): v for k, v in self.state_dict().items()}
+
+    @staticmethod
+    def _save_key(key: str) -> str:
+        if not key.startswith("layers."):
+            return key
+        lkey, _, rest = key[len("layers."):].partition(".")
+        path = key_to_path(lkey)
+        return f"{path}.{rest}" if path else rest
+
+    def load_delta_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = {self._save_key(k): k for k in self.state_dict()}
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise CheckpointError(
+                f"saved delta {self.name!r} does not fit this model: "
+                + (f"missing tensors {missing[:5]}; " if missing else "")
+                + (f"unexpected tensors {extra[:5]}; " if extra else "")
+                + "load it into the base model (and config) it was trained on."
+            )
+        current = self.state_dict()
+        for skey, key in own.items():
+            if tuple(current[key].shape) != tuple(tensors[skey].shape):
+                raise CheckpointError(
+                    f"tensor {skey!r} of delta {self.name!r} has shape "
+                    f"{tuple(tensors[skey].shape)} in the file but {tuple(current[key].shape)} on "
+                    f"this model: the base model differs from the one it was trained on."
+                )
+        self.load_state_dict({key: tensors[skey] for skey, key in own.items()})
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serializable state saved beside the config (seeds, schedules...)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``extra_state``; called before the tensors are loaded."""
+

@@ -1,0 +1,78 @@
+"""Injection by hooks: the base model's modules and ``state_dict`` keys stay exactly as they are.
+
+One Host per touched module owns that module's hooks and dispatches to the layers of the active
+deltas. With no active layer a Host removes its hooks, so a disabled model runs at base speed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .layer import DeltaLayer
+
+
+class Host:
+    def __init__(self, module: nn.Module, path: str):
+        self.module = module
+        self.path = path
+        self.layers: dict[str, DeltaLayer] = {}
+        self._pre: list[DeltaLayer] = []
+        self._par: list[DeltaLayer] = []
+        self._post: list[DeltaLayer] = []
+        self._handles: list[Any] = []
+        self._swapped: list[dict[str, Any]] = []
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        active = [self.layers[n] for n in names if n in self.layers]
+        uses = [type(layer).uses() for layer in active]
+        self._pre = [lay for lay, u in zip(active, uses) if u[0]]
+        self._par = [lay for lay, u in zip(active, uses) if u[1]]
+        self._post = [lay for lay, u in zip(active, uses) if u[2]]
+        self._install()
+
+    def _install(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        m = self.module
+        if self._pre or self._par:
+            self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        if self._par:
+            self._handles.append(m.register_forward_hook(self._restore_hook, always_call=True))
+        if self._post:
+            self._handles.append(m.register_forward_hook(self._post_hook, with_kwargs=True))
+
+    def close(self) -> None:
+        self._pre = self._par = self._post = []
+        self._install()
+
+    # -- the hooks --------------------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._par:
+            params = module._parameters
+            current = {n: p for n, p in params.items() if p is not None}
+            for layer in self._par:
+                current.update(layer.params(module, current))
+            saved = {n: params[n] for n in current if params.get(n) is not current[n]}
+            for n in saved:
+                params[n] = current[n]  # plain dict write: a tensor stands in for the Parameter
+            self._swapped.append(saved)
+        for layer in self._pre:
+            args, kwargs = layer.forward_pre(module, args, kwargs)
+        return args, kwargs
+
+    def _restore_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._swapped:
+            module._parameters.update(self._swapped.pop())
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        for layer in self._post:
+            output = layer.forward_post(module, args, kwargs, output)
+        return output
+
+
+def swap_free(module: nn.Module) -> bool:
+    """True when no Host has a parameter of `module` swapped out (used by tests and merge)."""
+    return all(isinstance(p, nn.Parameter) for p in module._parameters.values() if p is not None)
+

@@ -1,0 +1,224 @@
+"""DeltaModel: a frozen base model that owns any number of named deltas.
+
+Activation, disabling, merging and removal only change which layers each Host dispatches to;
+the base model's modules and state_dict keys are never replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError, DeltaNotFoundError, MergeError, did_you_mean
+from .config import DeltaConfig
+from .delta import Delta, key_to_path
+from .hooks import Host
+from .registry import config_from_dict, get_method
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class DeltaModel(nn.Module):
+    """Forwards everything it does not define (``generate``, ``config``, ...) to the base model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise ConfigError("the model is already a DeltaModel: call .add(name, config) on it.")
+        self.model = model
+        self.delta_modules = nn.ModuleDict()
+        self._hosts: dict[str, Host] = {}
+        self._active: tuple[str, ...] = ()
+        self._merged: list[str] = []
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+
+    # -- the deltas ---------------------------------------------------------------------------------
+    @property
+    def deltas(self) -> list[str]:
+        return list(self.delta_modules.keys())
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self._active
+
+    @property
+    def merged(self) -> tuple[str, ...]:
+        return tuple(self._merged)
+
+    def get_delta(self, name: str) -> Delta:
+        self._check_name(name)
+        return self.delta_modules[name]
+
+    def add(self, name: str, config: DeltaConfig | dict[str, Any]) -> Delta:
+        """Attach a new delta (inactive unless it is the first one)."""
+        if isinstance(config, dict):
+            config = config_from_dict(config)
+        if not isinstance(config, DeltaConfig):
+            raise ConfigError(f"config must be a DeltaConfig or a dict, got {type(config).__name__}.")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"delta name {name!r} is invalid: use letters, digits, '_' or '-'.")
+        if name in self.delta_modules:
+            raise ConfigError(f"a delta named {name!r} exists already: remove it or pick a new name.")
+        delta = get_method(config.method).delta_cls(name, config, self.model)
+        delta.to(self._device())
+        delta.train(self.model.training)
+        self.delta_modules[name] = delta
+        for key, layer in delta.layers.items():
+            path = key_to_path(key)
+            host = self._hosts.get(path)
+            if host is None:
+                host = self._hosts[path] = Host(self.model.get_submodule(path), path)
+            host.layers[name] = layer
+        if not self._active:
+            self.activate(name)
+        return delta
+
+    def activate(self, *names: str) -> None:
+        """Make exactly these deltas active, applied in this order (stacking)."""
+        for n in names:
+            self._check_name(n)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"activate() got a name twice: {names}.")
+        self._active = tuple(names)
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        self._check_name(name)
+        if name in self._merged:
+            raise MergeError(f"delta {name!r} is merged into the base: call unmerge() before remove().")
+        for path, host in list(self._hosts.items()):
+            if host.layers.pop(name, None) is not None and not host.layers:
+                host.close()
+                del self._hosts[path]
+        del self.delta_modules[name]
+        self._active = tuple(n for n in self._active if n != name)
+        self._refresh()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        if self._merged:
+            raise MergeError(
+                f"deltas {self._merged} are merged into the base weights, so disabling cannot give "
+                f"the base model: call unmerge() first."
+            )
+        saved = self._active
+        self._active = ()
+        self._refresh()
+        try:
+            yield
+        finally:
+            self._active = saved
+            self._refresh()
+
+    def _refresh(self) -> None:
+        running = tuple(n for n in self._active if n not in self._merged)
+        for host in self._hosts.values():
+            host.set_active(running)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.delta_modules:
+            raise DeltaNotFoundError(
+                f"no delta named {name!r}.{did_you_mean(name, self.deltas)} "
+                f"This model holds: {', '.join(self.deltas) or 'none'}."
+            )
+
+    # -- merging ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        """Fold a delta (default: every active one) into the base weights."""
+        names = [name] if name is not None else list(self._active)
+        for n in names:
+            self._check_name(n)
+            if n in self._merged:
+                raise MergeError(f"delta {n!r} is merged already.")
+        for n in names:
+            self.delta_modules[n].merge(self.model)
+            self._merged.append(n)
+        self._refresh()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged delta out of the base weights again (newest first)."""
+        while self._merged:
+            self.delta_modules[self._merged[-1]].unmerge(self.model)
+            self._merged.pop()
+        self._refresh()
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """The plain base module: with the active deltas folded in if ``merge``, else pristine."""
+        if merge:
+            self.merge_all_active()
+        else:
+            self.unmerge()
+        for host in self._hosts.values():
+            host.close()
+        self._hosts.clear()
+        self._merged.clear()
+        self.delta_modules = nn.ModuleDict()
+        self._active = ()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, True))
+        return self.model
+
+    def merge_all_active(self) -> None:
+        todo = [n for n in self._active if n not in self._merged]
+        for n in todo:
+            self.merge(n)
+
+    # -- training helpers ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def regularization(self) -> torch.Tensor | float:
+        """Sum of the active deltas' extra loss terms (0.0 when none has one)."""
+        total: torch.Tensor | float = 0.0
+        for n in self._active:
+            r = self.delta_modules[n].regularization()
+            if r is not None:
+                total = total + r
+        return total
+
+    def step(self, step: int) -> None:
+        """Call once per optimizer step: runs the active deltas' schedules."""
+        for n in self._active:
+            self.delta_modules[n].on_step(step)
+
+    # -- I/O and reporting ----------------------------------------------------------------------
+    def save(self, path: str, name: str | None = None, **kwargs: Any) -> None:
+        from .state import save
+
+        save(self, path, name=name, **kwargs)
+
+    def summary(self):
+        from .report import summary
+
+        return summary(self)
+
+    # -- forwarding -----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+
+def wrap(model: nn.Module, config: DeltaConfig | dict[str, Any], name: str = "default") -> DeltaModel:
+    """Freeze `model` and attach one delta named `name` (active)."""
+    dm = DeltaModel(model)
+    dm.add(name, config)
+    return dm

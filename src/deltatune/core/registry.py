@@ -1,0 +1,86 @@
+"""The method registry: each method module registers its config and delta class. The core looks
+methods up here by name and never branches on them."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from .config import DeltaConfig
+    from .delta import Delta
+
+FAMILIES = ("additive", "partial", "reparameterized", "hybrid")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type[DeltaConfig]
+    delta_cls: type[Delta]
+    family: str
+    paper: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_loaded = False
+
+
+def register(name: str, config_cls: type[DeltaConfig], delta_cls: type[Delta], *,
+             family: str, paper: str = "") -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r} must be one of {FAMILIES}")
+    if name in _REGISTRY and _REGISTRY[name].delta_cls is not delta_cls:
+        raise ValueError(f"method {name!r} is already registered")
+    config_cls.method = name
+    delta_cls.config_cls = config_cls
+    _REGISTRY[name] = MethodSpec(name, config_cls, delta_cls, family, paper)
+
+
+def _load_builtin() -> None:
+    """Import every module of deltatune.methods once, so that they register themselves."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from .. import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{methods.__name__}.{info.name}")
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown method {name!r}.{did_you_mean(name, _REGISTRY)} "
+            f"Registered methods: {', '.join(sorted(_REGISTRY))}."
+        )
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    """Registry names of every method, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def method_specs() -> list[MethodSpec]:
+    _load_builtin()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def config_from_dict(data: dict[str, Any]) -> DeltaConfig:
+    """Build a method's config from a plain dict: ``{"method": "lora", "r": 8, ...}``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a dict with a 'method' key, got {type(data).__name__}.")
+    if "method" not in data:
+        raise ConfigError(
+            "config dict has no 'method' key; add one, e.g. {'method': 'lora', ...}. "
+            f"Registered methods: {', '.join(available_methods())}."
+        )
+    return get_method(data["method"]).config_cls.from_dict(data)

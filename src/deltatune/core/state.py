@@ -1,0 +1,218 @@
+"""Delta state I/O: safetensors tensors + a JSON config, written atomically, never unpickled.
+
+Layout of one saved delta (a directory):
+    delta_config.json              method config, versions, base fingerprint, the weights' name and sha256
+    delta-<sha256[:16]>.safetensors the delta's tensors, keys ``<base module path>.<tensor>``
+
+The JSON is written last with an atomic rename: it is the commit point, so a save killed at any
+moment leaves the previous checkpoint loadable. Several deltas save into sub-directories named after
+them, with ``deltas.json`` listing them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import CheckpointError, ConfigError
+from ..version import FORMAT_VERSION, __version__
+from .arch import model_type
+from .registry import config_from_dict
+
+CONFIG_FILE = "delta_config.json"
+INDEX_FILE = "deltas.json"
+SAVERS: dict[str, Any] = {}   # format name -> save(dm, path, name) (other formats register here)
+LOADERS: list[Any] = []       # (detect(path) -> bool, load(model, path, name) -> DeltaModel)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to `path` through a temporary file in the same directory + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _quiet():
+            os.unlink(tmp)
+        raise
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return True
+
+
+def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
+    """What a delta needs to fit: the architecture and the shapes of the modules it touches."""
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for path in paths:
+        module = model.get_submodule(path) if path else model
+        shapes[path] = {n: list(p.shape) for n, p in module.named_parameters(recurse=False)}
+    return {"class": type(model).__name__, "model_type": model_type(model), "modules": shapes}
+
+
+def save(dm, path: str | os.PathLike, name: str | None = None, format: str = "deltatune") -> None:
+    """Save one delta (``name``), or every delta (sub-directories) when the model holds several."""
+    if format != "deltatune":
+        if format not in SAVERS:
+            raise ConfigError(f"unknown save format {format!r}: use 'deltatune' or one of {list(SAVERS)}.")
+        SAVERS[format](dm, path, name)
+        return
+    root = Path(path)
+    if name is not None or len(dm.deltas) == 1:
+        save_one(dm, name or dm.deltas[0], root)
+        return
+    for n in dm.deltas:
+        save_one(dm, n, root / n)
+    index = {"format": "deltatune", "deltas": dm.deltas, "active": list(dm.active)}
+    atomic_write(root / INDEX_FILE, json.dumps(index, indent=2).encode())
+
+
+def save_one(dm, name: str, root: Path) -> None:
+    delta = dm.get_delta(name)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in delta.delta_state_dict().items()}
+    blob = st_save(tensors, metadata={"format": "pt", "deltatune": __version__})
+    digest = hashlib.sha256(blob).hexdigest()
+    weights = f"delta-{digest[:16]}.safetensors"
+    meta = {
+        "format": "deltatune",
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "name": name,
+        "config": delta.config.to_dict(),
+        "extra_state": delta.extra_state(),
+        "weights": weights,
+        "sha256": digest,
+        "base": fingerprint(dm.model, delta.paths()),
+    }
+    old = _read_json(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else None
+    atomic_write(root / weights, blob)
+    atomic_write(root / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    if old and isinstance(old, dict) and old.get("weights") not in (None, weights):
+        with _quiet():
+            (root / Path(str(old["weights"])).name).unlink()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable JSON file ({e}); the checkpoint is corrupt.") from e
+
+
+def read_meta(root: Path) -> dict[str, Any]:
+    meta = _read_json(root / CONFIG_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != "deltatune":
+        raise CheckpointError(f"{root / CONFIG_FILE} is not a deltatune delta config.")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{root / CONFIG_FILE} has no integer format_version; the file is corrupt.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{root} was saved by deltatune {meta.get('library_version')} (format {version}); this is "
+            f"deltatune {__version__} (format {FORMAT_VERSION}): upgrade deltatune to load it."
+        )
+    for key in ("config", "weights", "sha256", "name", "base"):
+        if key not in meta:
+            raise CheckpointError(f"{root / CONFIG_FILE} lacks the {key!r} entry; the file is corrupt.")
+    return meta
+
+
+def read_tensors(root: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    file = root / Path(str(meta["weights"])).name
+    try:
+        blob = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file} ({e}); the checkpoint is incomplete.") from e
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"{file} does not match the sha256 in {CONFIG_FILE}: it is truncated or corrupt.")
+    try:
+        return st_load(blob)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{file} is not a valid safetensors file ({e}).") from e
+
+
+def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path) -> None:
+    base = meta["base"]
+    mtype = model_type(model)
+    if base.get("model_type") != mtype:
+        raise CheckpointError(
+            f"{root} was trained on a {base.get('model_type')!r} model ({base.get('class')}), but this "
+            f"model is {mtype!r} ({type(model).__name__}): load it into the base it was trained on."
+        )
+    for path, shapes in base.get("modules", {}).items():
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            raise CheckpointError(
+                f"{root} touches module {path!r}, which this {type(model).__name__} lacks: "
+                f"load it into the base it was trained on (same class and layout)."
+            ) from None
+        have = {n: list(p.shape) for n, p in module.named_parameters(recurse=False)}
+        for n, shape in shapes.items():
+            if have.get(n) != shape:
+                raise CheckpointError(
+                    f"{root}: {path}.{n} has shape {shape} in the base it was trained on but "
+                    f"{have.get(n)} here: the base model differs (size or layout)."
+                )
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
+    """Load a saved delta (or a directory of them) onto `model` (a module or a DeltaModel)."""
+    from .model import DeltaModel
+
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root} does not exist.")
+    if not (root / CONFIG_FILE).exists() and not (root / INDEX_FILE).exists():
+        for detect, loader in LOADERS:
+            if detect(root):
+                return loader(model, root, name)
+        raise CheckpointError(f"{root} holds no {CONFIG_FILE} or {INDEX_FILE}: not a saved delta.")
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    if (root / CONFIG_FILE).exists():
+        load_one(dm, root, name)
+        return dm
+    index = _read_json(root / INDEX_FILE)
+    names = index.get("deltas", []) if isinstance(index, dict) else []
+    if name is not None:
+        if name not in names:
+            raise CheckpointError(f"{root} holds deltas {names}, not {name!r}.")
+        names = [name]
+    for n in names:
+        load_one(dm, root / n, n, activate=False)
+    active = [n for n in index.get("active", []) if n in names] or names[:1]
+    dm.activate(*active)
+    return dm
+
+
+def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
+    meta = read_meta(root)
+    check_fingerprint(dm.model, meta, root)
+    config = config_from_dict(meta["config"])
+    tensors = read_tensors(root, meta)
+    name = name or meta["name"]
+    delta = dm.add(name, config)
+    try:
+        delta.load_extra_state(meta.get("extra_state") or {})
+        delta.load_delta_state_dict(tensors)
+    except Exception:
+        dm.remove(name)
+        raise
+    if activate:
+        dm.activate(name)

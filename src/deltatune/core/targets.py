@@ -1,0 +1,88 @@
+"""Target selection shared by every method: suffixes, regex, layer indices, module types."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch.nn as nn
+
+from ..errors import TargetError, close_matches
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """Index of the block a module lives in: the first numeric path component (``h.3.attn`` -> 3)."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def name_matches(name: str, targets: list[str] | str) -> bool:
+    """A list matches by suffix on dotted components, a string is a full regex match."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def resolve_layers(layers: list[int] | None, n_layers: int | None) -> set[int] | None:
+    if layers is None:
+        return None
+    if any(i < 0 for i in layers):
+        if n_layers is None:
+            raise TargetError("negative layer indices need a model with numbered layers.")
+        return {i + n_layers if i < 0 else i for i in layers}
+    return set(layers)
+
+
+def iter_named(model: nn.Module, what: str) -> Iterator[tuple[str, object]]:
+    if what == "modules":
+        yield from ((n, m) for n, m in model.named_modules() if n)
+    else:
+        yield from model.named_parameters()
+
+
+def select(
+    model: nn.Module,
+    targets: list[str] | str,
+    *,
+    layers: list[int] | None = None,
+    exclude: list[str] | str | None = None,
+    what: str = "modules",
+    method: str = "",
+) -> list[tuple[str, object]]:
+    """Every module (or parameter, ``what="params"``) whose name matches; an error if none does.
+
+    Modules under another matched module are kept too: methods filter by type afterwards.
+    """
+    from .arch import num_layers
+
+    wanted = resolve_layers(layers, num_layers(model) if layers else None)
+    names: list[str] = []
+    found: list[tuple[str, object]] = []
+    for name, obj in iter_named(model, what):
+        names.append(name)
+        if not name_matches(name, targets):
+            continue
+        if exclude and name_matches(name, exclude):
+            continue
+        if wanted is not None and layer_index(name) not in wanted:
+            continue
+        found.append((name, obj))
+    if not found:
+        raise TargetError(_no_match_message(targets, layers, names, what, method))
+    return found
+
+
+def _no_match_message(targets, layers, names: list[str], what: str, method: str) -> str:
+    kind = "module" if what == "modules" else "parameter"
+    items = [targets] if isinstance(targets, str) else targets
+    hints: list[str] = []
+    for t in items:
+        hints += close_matches(t if isinstance(t, str) else str(t), names, n=5)
+    hint = f" Closest {kind} names: {', '.join(dict.fromkeys(hints))}." if hints else ""
+    where = f" in layers {layers}" if layers is not None else ""
+    return (
+        f"targets {targets!r}{where} match no {kind} of the model"
+        f"{f' (method {method!r})' if method else ''}.{hint} Targets are {kind}-name suffixes "
+        f"(a list) or one full regex (a string); see model.named_{'modules' if what == 'modules' else 'parameters'}() for the names."
+    )

@@ -1,0 +1,143 @@
+"""LoRA (Hu et al. 2021) with rsLoRA (Kalajdzievski 2023) and DoRA (Liu et al. 2024) options.
+
+h = W x + s * B A x, with A (r x in) Kaiming-uniform (or Gaussian), B (out x r) zero, and
+s = alpha / r (or alpha / sqrt(r) with rsLoRA). DoRA rescales the merged direction per output:
+W' = m * (W + sBA) / ||W + sBA||, m initialised to ||W|| (row norms), the norm not back-propagated
+(as in the DoRA paper, section 4.3, and peft). Works on nn.Linear, GPT-2's Conv1D and nn.Embedding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from ..core.config import DeltaConfig
+from ..core.delta import Delta
+from ..core.layer import DeltaLayer
+from ..core.registry import register
+from ..errors import ConfigError
+
+
+@dataclass
+class LoRAConfig(DeltaConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    init: str = "kaiming"  # or "gaussian" (A ~ N(0, 1/r)), B zero either way
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_range("r", 0, low_open=True, integer=True)
+        self.check_range("alpha", 0, low_open=True)
+        self.check_range("dropout", 0.0, 1.0, high_open=True)
+        self.check_choice("init", ("kaiming", "gaussian"))
+        self.check_choice("rslora", (True, False))
+        self.check_choice("dora", (True, False))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as (out, in): Conv1D stores (in, out), Embedding (num, dim) = (in, out)."""
+    w = module.weight
+    return w.T if isinstance(module, (Conv1D, nn.Embedding)) else w
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    w = weight_out_in(module)
+    return w.shape[1], w.shape[0]
+
+
+class LoRALayer(DeltaLayer):
+    mergeable = True
+
+    def __init__(self, module: nn.Module, cfg: LoRAConfig):
+        super().__init__()
+        d_in, d_out = module_dims(module)
+        w = module.weight
+        self.embedding = isinstance(module, nn.Embedding)
+        self.scaling = cfg.scaling
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, d_in, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, cfg.r, dtype=w.dtype, device=w.device))
+        if self.embedding:  # as peft: A zero, B normal, so that lookups start at zero
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        elif cfg.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / cfg.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+        if cfg.dora:
+            if self.embedding:
+                raise ConfigError("DoRA supports Linear and Conv1D modules, not Embedding: "
+                                  "exclude embeddings from targets or set dora=False.")
+            with torch.no_grad():
+                self.magnitude = nn.Parameter(weight_out_in(module).norm(dim=1))
+        else:
+            self.magnitude = None
+        self._merged_norm: torch.Tensor | None = None
+
+    def update(self) -> torch.Tensor:
+        """s * B A as (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+    def post(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.magnitude is None:
+            return y + self.low_rank(x)
+        return y + self._dora(module, x, y)
+
+    def _dora(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = weight_out_in(module)
+        norm = (w + self.update().to(w.dtype)).norm(dim=1).detach()
+        scale = self.magnitude / norm
+        if self.dropout is None:
+            bias = getattr(module, "bias", None)
+            base = y - bias if bias is not None else y
+        else:
+            x = self.dropout(x)
+            base = F.linear(x, w)
+        return (scale - 1) * base + scale * F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+    @torch.no_grad()
+    def merge(self, module: nn.Module) -> None:
+        w = weight_out_in(module)
+        new = w + self.update().to(w.dtype)
+        if self.magnitude is not None:
+            self._merged_norm = new.norm(dim=1)
+            new = new * (self.magnitude / self._merged_norm).unsqueeze(1)
+        w.copy_(new)
+
+    @torch.no_grad()
+    def unmerge(self, module: nn.Module) -> None:
+        w = weight_out_in(module)
+        if self.magnitude is not None and self._merged_norm is not None:
+            w.copy_(w * (self._merged_norm / self.magnitude).unsqueeze(1))
+            self._merged_norm = None
+        w.sub_(self.update().to(w.dtype))
+
+
+class LoRADelta(Delta):
+    default_roles = ("query", "value")
+    supported_types = (nn.Linear, Conv1D, nn.Embedding)
+
+    def make_layer(self, path: str, module: nn.Module) -> DeltaLayer:
+        return LoRALayer(module, self.config)
+
+
+register("lora", LoRAConfig, LoRADelta, family="reparameterized", paper="Hu et al. 2021 (LoRA); "
+         "Kalajdzievski 2023 (rsLoRA); Liu et al. 2024 (DoRA)")

@@ -136,7 +136,8 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_cli_methods_and_inspect(tmp_path):
     trained().save(tmp_path / "d")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "src")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": src}
     out = subprocess.run([sys.executable, "-m", "deltatune.cli", "methods"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "lora" in out.stdout and "bitfit" in out.stdout
     out = subprocess.run([sys.executable, "-m", "deltatune.cli", "inspect", str(tmp_path / "d")],

@@ -189,3 +189,38 @@ def test_step_and_regularization_defaults():
     dm = dt.wrap(tiny_model("bert"), dt.LoRAConfig())
     assert dm.regularization() == 0.0
     dm.step(0)
+
+
+def test_per_example_deltas_match_one_by_one(arch):
+    model = tiny_model(arch)
+    x = tiny_inputs(model, batch=5)
+    dm = dt.wrap(model, dt.LoRAConfig(r=2), name="a")
+    dm.add("b", dt.LoRAConfig(r=3, targets=None))
+    perturb(dm.get_delta("a"), std=0.1, seed=1)
+    perturb(dm.get_delta("b"), std=0.1, seed=2)
+    names = ["a", "b", None, "b", "a"]
+    mixed = dm(**x, deltas=names).logits
+    for i, n in enumerate(names):
+        one = {k: v[i:i + 1] for k, v in x.items()}
+        if n is None:
+            with dm.disabled():
+                want = logits_of(dm, one)
+        else:
+            dm.activate(n)
+            want = logits_of(dm, one)
+        assert torch.allclose(mixed[i:i + 1], want, atol=1e-5), (i, n)
+    assert dm.active == ("a",)  # the last activate() above; per_example left no trace
+
+
+def test_per_example_runs_weight_swapping_methods_on_their_rows():
+    model = tiny_model("bert")
+    x = tiny_inputs(model, batch=3)
+    dm = dt.wrap(model, dt.BitFitConfig(), name="bias")
+    dm.add("lora", dt.LoRAConfig(r=2))
+    perturb(dm.get_delta("bias"), seed=3)
+    perturb(dm.get_delta("lora"), seed=4)
+    names = ["bias", "lora", "bias"]
+    mixed = dm(**x, deltas=names).logits
+    for i, n in enumerate(names):
+        dm.activate(n)
+        assert torch.allclose(mixed[i:i + 1], logits_of(dm, {k: v[i:i + 1] for k, v in x.items()}), atol=1e-5)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from .layer import DeltaLayer
+from ..errors import ConfigError
+from .layer import DeltaLayer, first_input
 
 
 class Host:
@@ -22,6 +24,7 @@ class Host:
         self._post: list[DeltaLayer] = []
         self._handles: list[Any] = []
         self._swapped: list[dict[str, Any]] = []
+        self._routes: list[tuple[DeltaLayer, torch.Tensor]] | None = None
 
     def set_active(self, names: tuple[str, ...]) -> None:
         active = [self.layers[n] for n in names if n in self.layers]
@@ -29,6 +32,17 @@ class Host:
         self._pre = [lay for lay, u in zip(active, uses) if u[0]]
         self._par = [lay for lay, u in zip(active, uses) if u[1]]
         self._post = [lay for lay, u in zip(active, uses) if u[2]]
+        self._install()
+
+    def set_routes(self, rows: dict[str, torch.Tensor] | None) -> None:
+        """Per-example deltas: row indices of the batch that each delta runs on (None: all rows)."""
+        if rows is None:
+            self._routes = None
+            self.set_active(())
+            return
+        self._routes = [(self.layers[n], idx) for n, idx in rows.items() if n in self.layers]
+        self._pre, self._par = [], []
+        self._post = [layer for layer, _ in self._routes]
         self._install()
 
     def _install(self) -> None:
@@ -67,9 +81,47 @@ class Host:
             module._parameters.update(self._swapped.pop())
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._routes is not None:
+            return self._routed_post(module, args, kwargs, output)
         for layer in self._post:
             output = layer.forward_post(module, args, kwargs, output)
         return output
+
+    def _routed_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """One base call for the whole batch; each delta's transform on its own rows only.
+
+        Output-only layers (LoRA) reuse the base output rows; layers that change the input or the
+        weights re-run the module's own forward (no hooks) on their rows.
+        """
+        x = first_input(args, kwargs)
+        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise ConfigError(f"{self.path or '<model>'} does not map one tensor to one tensor, so "
+                              f"its deltas cannot run per example: split the batch by delta instead.")
+        out = output.clone()
+        for layer, idx in self._routes:
+            pre, par, post = type(layer).uses()
+            rows_in, rows_out = x[idx], output[idx]
+            if pre or par:
+                rows_out = self._rerun(module, layer, rows_in, pre, par)
+            if post:
+                rows_out = layer.post(module, rows_in, rows_out)
+            if rows_out.shape != out[idx].shape:
+                raise ConfigError(f"{type(layer).__name__} on {self.path or '<model>'} changes the "
+                                  f"output shape, so it cannot run per example: split the batch.")
+            out[idx] = rows_out
+        return out
+
+    @staticmethod
+    def _rerun(module: nn.Module, layer: DeltaLayer, x: torch.Tensor, pre: bool, par: bool) -> torch.Tensor:
+        params = module._parameters
+        saved = dict(params)
+        if par:
+            current = {n: p for n, p in params.items() if p is not None}
+            params.update(layer.params(module, current))
+        try:
+            return module.forward(layer.pre(module, x) if pre else x)
+        finally:
+            params.update(saved)
 
 
 def swap_free(module: nn.Module) -> bool:

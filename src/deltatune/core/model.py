@@ -116,6 +116,31 @@ class DeltaModel(nn.Module):
             self._active = saved
             self._refresh()
 
+    @contextlib.contextmanager
+    def per_example(self, names: list[str | None]) -> Iterator[None]:
+        """Inside the block, example i of a batch runs delta ``names[i]`` (None: the base alone).
+
+        One forward pass serves a batch whose examples each want a different delta (serving many
+        users' LoRAs at once). Works for methods that transform a module's output (LoRA, IA3 on
+        outputs, adapters); methods that swap weights or inputs raise a clear error.
+        """
+        if self._merged:
+            raise MergeError("per-example deltas need unmerged deltas: call unmerge() first.")
+        rows: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            if n is not None:
+                self._check_name(n)
+                rows.setdefault(n, []).append(i)
+        index = {n: torch.tensor(r, device=self._device()) for n, r in rows.items()}
+        try:
+            for host in self._hosts.values():
+                host.set_routes(index)
+            yield
+        finally:
+            for host in self._hosts.values():
+                host.set_routes(None)
+            self._refresh()
+
     def _refresh(self) -> None:
         running = tuple(n for n in self._active if n not in self._merged)
         for host in self._hosts.values():
@@ -201,7 +226,11 @@ class DeltaModel(nn.Module):
         return summary(self)
 
     # -- forwarding -----------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, deltas: list[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``deltas=[name per example]`` runs a mixed batch."""
+        if deltas is not None:
+            with self.per_example(deltas):
+                return self.model(*args, **kwargs)
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

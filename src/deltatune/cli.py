@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # optional kernels it cannot load here
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

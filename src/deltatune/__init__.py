@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning (delta-tuning) of pretrained transformers."""
 from __future__ import annotations
 
+from .core.compose import Average, Composition, Fuse, Parallel, Stack
 from .core.config import DeltaConfig
 from .core.delta import Delta
 from .core.layer import DeltaLayer
@@ -11,6 +12,7 @@ from .errors import CheckpointError, ConfigError, DeltaError, DeltaNotFoundError
 from .version import __version__
 
 __all__ = [
+    "Average", "Composition", "Fuse", "Parallel", "Stack",
     "CheckpointError", "ConfigError", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer",
     "DeltaModel", "DeltaNotFoundError", "MergeError", "TargetError", "__version__",
     "available_methods", "config_from_dict", "get_method", "load", "register", "wrap",

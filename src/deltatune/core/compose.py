@@ -268,8 +268,9 @@ class Parallel(Composition):
                 f"inputs to the model itself (it replicates them)."
             )
         b = total // n
-        parts = [self.branch(i, call.rows(i * b, (i + 1) * b, total), split_rows(y, i * b, (i + 1) * b, total))
-                 for i in range(n)]
+        spans = [(i * b, (i + 1) * b) for i in range(n)]
+        parts = [self.branch(i, call.rows(lo, hi, total), split_rows(y, lo, hi, total))
+                 for i, (lo, hi) in enumerate(spans)]
         return cat_rows(parts, y, total)
 
 
@@ -331,8 +332,8 @@ class Fuse(Composition):
         if chosen is not None:
             return evaluate(self.members[chosen], call, y)
         layer = call.layer(self.fusion)
-        if layer is not None and not hasattr(layer, "combine"):
-            return Stack(self.fusion).run(call, y)  # the fusion's own layer here (its head) replaces the members
+        if layer is not None and not hasattr(layer, "combine"):  # the fusion's own head, say:
+            return Stack(self.fusion).run(call, y)  # it replaces the members' layers here
         outs = [self.branch(i, call, y) for i in range(len(self.members))]
         if all(o is y for o in outs):  # the members only observe this module (an input tap)
             return y

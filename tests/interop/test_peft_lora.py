@@ -138,3 +138,18 @@ def test_bin_with_code_is_refused_unrun(tmp_path):
 def test_tested_version_is_recorded():
     assert peft.__version__ in PEFT_TESTED_VERSIONS, (
         f"peft {peft.__version__} is not in PEFT_TESTED_VERSIONS: run tests/interop against it and add it.")
+
+
+def test_several_deltas_use_peft_s_layout(tmp_path):
+    dm = dt.wrap(tiny_model("llama"), dt.LoRAConfig(r=2, targets=["q_proj"]))
+    dm.add("other", dt.LoRAConfig(r=3, targets=["v_proj"]))
+    inputs = tiny_inputs(dm.model)
+    dm.activate("default", "other")
+    train(dm, inputs)
+    dm.save(str(tmp_path), format="peft")
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "other" / "adapter_config.json").exists()
+    back = dt.load(tiny_model("llama"), tmp_path)
+    dt.load(back, tmp_path / "other", name="other")
+    back.activate("default", "other")
+    dm.activate("default", "other")
+    torch.testing.assert_close(logits_of(back, inputs), logits_of(dm, inputs), atol=ATOL, rtol=0)

@@ -30,7 +30,7 @@ from ..core.layer import ParamCopy
 from ..core.registry import config_from_dict
 from ..core.state import LOADERS, SAVERS, atomic_write
 from ..core.targets import select
-from ..errors import CheckpointError, ConfigError, TargetError
+from ..errors import CheckpointError, ConfigError, MergeError, TargetError
 
 # peft releases whose files these mappings were checked against (tests/interop round-trips).
 PEFT_TESTED_VERSIONS = ("0.21.2",)
@@ -47,13 +47,20 @@ def _any_module(module: nn.Module | None) -> bool:
     return True
 
 
+Transform = Callable[[torch.Tensor, nn.Module], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class KeyRule:
-    """One tensor spelling: ``<path>.<peft>`` in peft files is ``<path>.<ours>`` on the delta."""
+    """One tensor spelling: ``<path>.<peft>`` in peft files is ``<path>.<ours>`` on the delta.
+    ``load`` / ``save`` convert values where the two differ (a full copy vs a difference to the
+    base tensor): (tensor, base module) -> tensor."""
 
     peft: str                                              # e.g. "lora_A.weight"
     ours: str                                              # e.g. "lora_A"
     applies: Callable[[nn.Module | None], bool] = _any_module  # base-module types it is for
+    load: Transform | None = None
+    save: Transform | None = None
 
 
 @dataclass(frozen=True)
@@ -158,13 +165,16 @@ def peft_selects(name: str, f: dict[str, Any]) -> bool:
     return idx is not None and (idx == layers if isinstance(layers, int) else idx in layers)
 
 
-def targets_to_ours(fields: PeftFields, model: nn.Module) -> dict[str, Any]:
+def targets_to_ours(fields: PeftFields, model: nn.Module, same_names: bool = True) -> dict[str, Any]:
     """peft's target_modules / exclude_modules / layers_to_transform / layers_pattern /
     modules_to_save as deltatune's targets / exclude / layers / modules_to_save: the same names
-    where deltatune's matching picks exactly the modules peft's does, else those modules' paths."""
+    where deltatune's module matching picks exactly the modules peft's does (and `same_names`: the
+    method selects modules the core's way), else those modules' paths as one anchored regex."""
     f = {"targets": fields.take("target_modules"), "exclude": fields.take("exclude_modules"),
          "layers": fields.take("layers_to_transform"), "layers_pattern": fields.take("layers_pattern"),
          "heads": fields.take("modules_to_save")}
+    if isinstance(f["heads"], str):
+        f["heads"] = [f["heads"]]
     if f["targets"] is None:
         raise fields.reject("target_modules", None, "list the target modules explicitly.")
     if isinstance(f["targets"], str) and f["targets"].lower() == "all-linear":
@@ -174,13 +184,14 @@ def targets_to_ours(fields: PeftFields, model: nn.Module) -> dict[str, Any]:
     paths = [n for n, _ in model.named_modules() if n and peft_selects(n, f)]
     if not paths:
         raise fields.reject("target_modules", f["targets"], "it selects no module of this model.")
-    same = _same_names(f, heads, model)
+    same = _same_names(f, heads) if same_names else None
     if same is not None and set(_selected(model, same, heads)) == set(paths):
         return {**same, "modules_to_save": heads}
     return {"targets": exact_regex(paths), "modules_to_save": heads}
 
 
-def _same_names(f: dict[str, Any], heads: list[str], model: nn.Module) -> dict[str, Any] | None:
+def _same_names(f: dict[str, Any], heads: list[str]) -> dict[str, Any] | None:
+    """deltatune's spelling of the same selection (checked against peft's before it is used)."""
     layers = [f["layers"]] if isinstance(f["layers"], int) else f["layers"] or None
     if f["layers_pattern"] or any("." in h for h in heads):
         return None
@@ -218,8 +229,7 @@ def targets_to_peft(delta: Delta, model: nn.Module) -> dict[str, Any]:
                               f"{clash[:3]} (it matches name endings). Rename or drop that module.")
     ambiguous = any(n.endswith("." + t) for n in names for t in targets)
     return {"target_modules": exact_regex(targets) if ambiguous else targets,
-            "modules_to_save": heads or None, "exclude_modules": None,
-            "layers_to_transform": None, "layers_pattern": None}
+            "modules_to_save": heads or None, "exclude_modules": None}
 
 
 # -- tensors ----------------------------------------------------------------------------------------
@@ -234,8 +244,9 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def our_key(key: str, mapping: PeftMapping, model: nn.Module) -> str:
-    """A peft tensor key as the delta's ``<module path>.<tensor>`` key."""
+def our_item(key: str, value: torch.Tensor, mapping: PeftMapping,
+             model: nn.Module) -> tuple[str, torch.Tensor]:
+    """A peft tensor as the delta's ``<module path>.<tensor>`` key and value."""
     rest = key[len(mapping.prefix):] if key.startswith(mapping.prefix) else None
     for rule in mapping.keys if rest is not None else ():
         if rest == rule.peft:
@@ -244,23 +255,32 @@ def our_key(key: str, mapping: PeftMapping, model: nn.Module) -> str:
             path = rest[: -len(rule.peft) - 1]
         else:
             continue
-        if rule.applies(_module(model, path)):
-            return _join(path, rule.ours)
+        module = _module(model, path)
+        if rule.applies(module):
+            return _join(path, rule.ours), _convert(rule.load, value, module)
     if not key.startswith(mapping.head_prefix):
         raise CheckpointError(f"peft tensor {key!r} has neither the {mapping.prefix!r} nor the "
                               f"{mapping.head_prefix!r} prefix: not a {mapping.peft_type} checkpoint.")
     path, _, pname = key[len(mapping.head_prefix):].rpartition(".")
-    return f"{path}.values.{pname}"  # a modules_to_save parameter (ParamCopy)
+    return f"{path}.values.{pname}", value  # a modules_to_save parameter (ParamCopy)
 
 
-def peft_key(path: str, name: str, layer: nn.Module, mapping: PeftMapping, model: nn.Module) -> str:
-    """A delta tensor (layer at `path`, tensor `name`) as its peft key."""
+def _convert(transform: Transform | None, value: torch.Tensor, module: nn.Module | None) -> torch.Tensor:
+    if transform is None or module is None:
+        return value
+    with torch.no_grad():
+        return transform(value, module).detach()
+
+
+def peft_item(path: str, name: str, value: torch.Tensor, layer: nn.Module, mapping: PeftMapping,
+              model: nn.Module) -> tuple[str, torch.Tensor]:
+    """A delta tensor (layer at `path`, tensor `name`) as its peft key and value."""
     if isinstance(layer, ParamCopy) and name.startswith("values."):
-        return mapping.head_prefix + _join(path, name[len("values."):])
+        return mapping.head_prefix + _join(path, name[len("values."):]), value
     module = _module(model, path)
     for rule in mapping.keys:
         if rule.ours == name and rule.applies(module):
-            return mapping.prefix + _join(path, rule.peft)
+            return mapping.prefix + _join(path, rule.peft), _convert(rule.save, value, module)
     raise ConfigError(f"tensor {_join(path, name)!r} of method {mapping.method!r} has no peft "
                       f"{mapping.peft_type} counterpart: this delta cannot be saved for peft.")
 
@@ -273,8 +293,16 @@ def peft_tensors(delta: Delta, mapping: PeftMapping, model: nn.Module) -> dict[s
             layer, path = delta.layers[lkey], key_to_path(lkey)
         else:
             layer, path, name = delta, "", key
-        out[peft_key(path, name, layer, mapping, model)] = value.detach().contiguous().cpu()
+        pkey, pvalue = peft_item(path, name, value, layer, mapping, model)
+        out[pkey] = pvalue.detach().contiguous().cpu()
     return out
+
+
+def check_unmerged(dm, mapping: PeftMapping) -> None:
+    """Values computed from base tensors need the pristine base."""
+    if dm.merged and any(r.load or r.save for r in mapping.keys):
+        raise MergeError(f"deltas {list(dm.merged)} are merged into the base weights, which the "
+                         f"{mapping.peft_type} conversion reads: call unmerge() first.")
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -339,7 +367,8 @@ def load_peft(model: nn.Module, root: Path, name: str | None = None):
     fields = PeftFields(data, mapping, root / CONFIG_FILE)
     config = config_from_dict(mapping.to_ours(fields, dm.model))
     fields.check_rest()
-    tensors = {our_key(k, mapping, dm.model): v for k, v in read_weights(root).items()}
+    check_unmerged(dm, mapping)
+    tensors = dict(our_item(k, v, mapping, dm.model) for k, v in read_weights(root).items())
     name = name or "default"
     delta = dm.add(name, config)
     try:
@@ -368,6 +397,7 @@ def save_peft(dm, path: str | os.PathLike, name: str | None = None) -> None:
 def save_one(dm, name: str, root: Path) -> None:
     delta = dm.get_delta(name)
     mapping = mapping_for_method(delta.config.method)
+    check_unmerged(dm, mapping)
     model = dm.model
     config = {
         "peft_type": mapping.peft_type, "task_type": None, "revision": None, "inference_mode": True,

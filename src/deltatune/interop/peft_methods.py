@@ -14,7 +14,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..core.delta import Delta, key_to_path
-from ..core.layer import ParamCopy
+from ..core.layer import ParamCopy, ParamDiff
+from ..errors import ConfigError
 from .peft_format import KeyRule, PeftFields, PeftMapping, register_peft, targets_to_ours, targets_to_peft
 
 
@@ -73,4 +74,39 @@ register_peft(PeftMapping(
         KeyRule("lora_magnitude_vector", "magnitude"),
     ),
     defaults={"bias": "none", "megatron_core": "megatron.core", "qalora_group_size": 16},
+))
+
+
+# -- LN tuning (peft LN_TUNING) <-> layernorm ---------------------------------------------------------
+# peft trains a full copy of each target module; deltatune's layernorm trains the difference to
+# the base tensors. Converting reads the (unmerged) base: copy = base + difference.
+def ln_to_ours(fields: PeftFields, model: nn.Module) -> dict[str, Any]:
+    # layernorm selects parameters, so its `exclude` would match parameter names: use exact paths
+    return {"method": "layernorm", **targets_to_ours(fields, model, same_names=False)}
+
+
+def ln_to_peft(delta: Delta, model: nn.Module) -> dict[str, Any]:
+    for key, layer in delta.layers.items():
+        if isinstance(layer, ParamDiff):
+            module = model.get_submodule(key_to_path(key))
+            have = {n for n, _ in module.named_parameters()}
+            if set(layer.diffs) != have:
+                raise ConfigError(
+                    f"peft LN_TUNING trains every parameter of a module, but this layernorm delta "
+                    f"tunes {sorted(layer.diffs)} of {key_to_path(key)} ({sorted(have)}): drop `params`.")
+    return targets_to_peft(delta, model)
+
+
+def _plus_base(name: str):
+    return lambda diff, module: getattr(module, name) + diff
+
+
+def _minus_base(name: str):
+    return lambda full, module: full.to(getattr(module, name).dtype) - getattr(module, name)
+
+
+register_peft(PeftMapping(
+    peft_type="LN_TUNING", method="layernorm", to_ours=ln_to_ours, to_peft=ln_to_peft,
+    keys=tuple(KeyRule(f"ln_tuning_layers.{n}", f"diffs.{n}", load=_minus_base(n), save=_plus_base(n))
+               for n in ("weight", "bias")),
 ))

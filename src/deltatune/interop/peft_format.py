@@ -53,14 +53,16 @@ Transform = Callable[[torch.Tensor, nn.Module], torch.Tensor]
 @dataclass(frozen=True)
 class KeyRule:
     """One tensor spelling: ``<path>.<peft>`` in peft files is ``<path>.<ours>`` on the delta.
-    ``load`` / ``save`` convert values where the two differ (a full copy vs a difference to the
-    base tensor): (tensor, base module) -> tensor."""
+    ``full``: `peft` is a whole key of a model-level tensor (``prompt_embeddings``,
+    ``base_model.vera_A``), `ours` its key on the delta. ``load`` / ``save`` convert values where
+    the two differ (a full copy vs a difference to the base tensor): (tensor, base module) -> tensor."""
 
     peft: str                                              # e.g. "lora_A.weight"
     ours: str                                              # e.g. "lora_A"
     applies: Callable[[nn.Module | None], bool] = _any_module  # base-module types it is for
     load: Transform | None = None
     save: Transform | None = None
+    full: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,13 @@ def _join(path: str, name: str) -> str:
 def our_item(key: str, value: torch.Tensor, mapping: PeftMapping,
              model: nn.Module) -> tuple[str, torch.Tensor]:
     """A peft tensor as the delta's ``<module path>.<tensor>`` key and value."""
+    for rule in mapping.keys:
+        if rule.full and key == rule.peft:
+            return rule.ours, _convert(rule.load, value, model)
     rest = key[len(mapping.prefix):] if key.startswith(mapping.prefix) else None
     for rule in mapping.keys if rest is not None else ():
+        if rule.full:
+            continue
         if rest == rule.peft:
             path = ""
         elif rest.endswith("." + rule.peft):
@@ -279,7 +286,9 @@ def peft_item(path: str, name: str, value: torch.Tensor, layer: nn.Module, mappi
         return mapping.head_prefix + _join(path, name[len("values."):]), value
     module = _module(model, path)
     for rule in mapping.keys:
-        if rule.ours == name and rule.applies(module):
+        if rule.full and _join(path, name) == rule.ours:
+            return rule.peft, _convert(rule.save, value, model)
+        if not rule.full and rule.ours == name and rule.applies(module):
             return mapping.prefix + _join(path, rule.peft), _convert(rule.save, value, module)
     raise ConfigError(f"tensor {_join(path, name)!r} of method {mapping.method!r} has no peft "
                       f"{mapping.peft_type} counterpart: this delta cannot be saved for peft.")

@@ -4,8 +4,9 @@ Adding a method (its deltatune layer already names tensors like peft does): writ
 (``fields.take`` every peft field it converts; ``targets_to_ours`` handles target_modules,
 exclude_modules, layers_to_transform, layers_pattern and modules_to_save), ``to_peft`` (the reverse;
 ``targets_to_peft``), list the tensor spellings as ``KeyRule``s, and peft's non-empty defaults of the
-fields left unread. Tensors under the model root (prompt embeddings) are rules matched without a
-module path; set ``prefix`` where peft does not use ``base_model.model.``.
+fields left unread. Model-level tensors are ``KeyRule(whole peft key, delta key, full=True)``
+(prompt methods: ``prompt_embeddings``; VeRA: ``base_model.vera_A``); ``load`` / ``save`` convert
+values that differ (see LN tuning); prompt methods set ``head_prefix="base_model."``.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from .core.registry import available_methods, config_from_dict, get_method, regi
 from .core.state import load
 from .errors import CheckpointError, ConfigError, DeltaError, DeltaNotFoundError, MergeError, TargetError
 from .version import __version__
+from . import interop  # noqa: F401  (registers the peft checkpoint loader and saver)
 
 __all__ = [
     "CheckpointError", "ConfigError", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer",

@@ -2,8 +2,8 @@
 ``accelerate launch`` / ``torchrun`` with several processes (accelerate shards the batches and
 all-reduces the trainable tensors' gradients).
 
-Per run: the dev metric every ``eval_every`` steps (and before the first step), the training
-loss per step, step times, throughput and peak memory. The delta's ``regularization()`` is added
+Per run: the dev metric every ``eval_every`` steps (step 0: the untrained model's score, measured
+once per task and seed by the suite), the training loss per step, step times, throughput and peak memory. The delta's ``regularization()`` is added
 to the loss and ``step(i)`` is called after every optimizer step (schedules, pruning phases).
 """
 from __future__ import annotations

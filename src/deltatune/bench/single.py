@@ -26,6 +26,9 @@ def train_one(cfg: SuiteConfig, task_spec: str, method: str, seed: int, out: str
     """Train, score on dev, save into `out`; returns the run's record."""
     from tqdm import tqdm
 
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     runner = Runner(cfg)
     task, spec = parse_task(task_spec), parse_method(method)
     key = runner.key(task, spec, seed)
@@ -61,7 +64,9 @@ def load_saved(path: Path, model: str | None, num_labels: int):
         return load(base, path), tok
     if (path / "config.json").exists():
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()
         net = AutoModelForSequenceClassification.from_pretrained(path)
         if is_tiny(model):
             return net, load_tiny(model, num_labels, 0)[1]

@@ -1,6 +1,5 @@
 """Soft prompts: prompt tuning, P-tuning (virtual input tokens) and prefix tuning (KV prefixes)."""
 import json
-import os
 
 import pytest
 import torch

@@ -253,11 +253,6 @@ class FoldableDelta(Delta):
             self.fold()
 
 
-def prompt_dims(model: nn.Module) -> tuple[int, int]:
-    emb = input_embedding(model)[1]
-    return emb.num_embeddings, emb.embedding_dim
-
-
 def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.unsqueeze(0).expand(batch, *t.shape)
 

@@ -80,18 +80,18 @@ class PrefixLayer(soft.Foldable):
     def __init__(self, model: nn.Module, cfg: PrefixConfig):
         super().__init__()
         n = self.n = cfg.num_virtual_tokens
-        vocab, dim = soft.prompt_dims(model)
+        table = soft.input_embedding(model)[1].weight
         self._model = (model,)
-        if cfg.projection:
-            shape = probe(model, torch.zeros(1, dtype=torch.long, device=soft.input_embedding(model)[1].weight.device)).shape
-            self.shape = (shape[0], 2, shape[2], n, shape[4])
-            weight = soft.input_embedding(model)[1].weight
-            self.prefix_input = nn.Parameter(torch.randn(n, dim, dtype=weight.dtype, device=weight.device))
-            out = shape[0] * 2 * shape[2] * shape[4]
-            self.prefix_mlp = nn.Sequential(nn.Linear(dim, cfg.projection_hidden), nn.Tanh(),
-                                            nn.Linear(cfg.projection_hidden, out)).to(weight.device, weight.dtype)
+        if cfg.projection:  # one probe token tells the per-layer key/value shapes
+            layers, _, heads, _, head_dim = probe(model, torch.zeros(1, dtype=torch.long, device=table.device)).shape
+            self.shape = (layers, 2, heads, n, head_dim)
+            self.prefix_input = nn.Parameter(torch.randn(n, table.shape[1], dtype=table.dtype, device=table.device))
+            self.prefix_mlp = nn.Sequential(
+                nn.Linear(table.shape[1], cfg.projection_hidden), nn.Tanh(),
+                nn.Linear(cfg.projection_hidden, layers * 2 * heads * head_dim),
+            ).to(table.device, table.dtype)
         else:
-            ids = torch.randint(0, vocab, (n,), device=soft.input_embedding(model)[1].weight.device)
+            ids = torch.randint(0, table.shape[0], (n,), device=table.device)
             self.prefix = nn.Parameter(probe(model, ids).clone())
             self.shape = tuple(self.prefix.shape)
         self._filled: tuple[Any, int, bool] | None = None

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 
 from . import nf4
+from .api import MemoryReport, MergeReport, dequantize, memory_report, merge_quantized, quantize
+
+__all__ = ["MemoryReport", "MergeReport", "dense", "dequantize", "is_quantized", "memory_report",
+           "merge_quantized", "quantize"]
 
 
 def is_quantized(t: object) -> bool:
@@ -21,8 +25,3 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor with t's values: dequantized when t is quantized, else t itself."""
     return nf4.dequantize_nf4(t) if is_quantized(t) else t
 
-
-from .api import MemoryReport, MergeReport, dequantize, memory_report, merge_quantized, quantize  # noqa: E402
-
-__all__ = ["MemoryReport", "MergeReport", "dense", "dequantize", "is_quantized", "memory_report",
-           "merge_quantized", "quantize"]

@@ -50,13 +50,15 @@ def _kept_dense(model: nn.Module, skip: list[str] | str | None) -> set[int]:
 
 def quantize(model: nn.Module, scheme: str = "nf4", *, compute_dtype: torch.dtype | str | None = None,
              block_size: int = 64, scaler_block_size: int = 256,
-             skip: list[str] | str | None = None) -> nn.Module:
+             skip: list[str] | str | None = None, embeddings: bool = False) -> nn.Module:
     """Store the frozen base's nn.Linear (and GPT-2 Conv1D) weights in NF4, in place; returns `model`.
 
     compute_dtype: the dtype the matmuls run in (None: the weight's own dtype); outputs come back in
         the input's dtype. block_size: values per absmax scale (64 as in QLoRA); scaler_block_size:
         scales per second-level scale (256). skip: module-name suffixes or a regex kept dense, on top
         of the task head, the output embedding (lm_head) and tied weights, which always stay dense.
+        embeddings: quantize nn.Embedding tables too (QLoRA keeps them dense; in a small model with
+        a large vocabulary they are most of the memory).
     Works on a plain model (quantize before ``wrap``) or a DeltaModel (its base). Modules whose size
     is not a multiple of block_size stay dense.
     """
@@ -72,9 +74,10 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, compute_dtype: torch.dtyp
     if dm is not None and dm.merged:
         raise MergeError(f"deltas {list(dm.merged)} are merged into the base: unmerge() before quantizing.")
     keep = _kept_dense(base, skip)
+    kinds = set(nf4.QUANTIZED_CLASS) - (set() if embeddings else {nn.Embedding})
     done = 0
     for _, m in base.named_modules():
-        if type(m) in nf4.QUANTIZED_CLASS and id(m) not in keep and nf4.fits(m.weight, block_size):
+        if type(m) in kinds and id(m) not in keep and nf4.fits(m, block_size):
             nf4.quantize_module(m, block_size, scaler_block_size, dtype)
             done += 1
     if not done:

@@ -12,6 +12,7 @@ takes that path.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import math
@@ -72,8 +73,11 @@ def to_nf4(weight: torch.Tensor, block_size: int = 64, scaler_block_size: int = 
         return mod.to_nf4(weight.detach().contiguous(), block_size, scaler)
 
 
-def fits(weight: torch.Tensor, block_size: int) -> bool:
-    return weight.dim() == 2 and weight.numel() % block_size == 0 and weight.numel() % 2 == 0
+def fits(module: nn.Module, block_size: int) -> bool:
+    """NF4 needs whole blocks; an embedding that renormalizes its rows writes its weight."""
+    w = module.weight
+    writes = getattr(module, "max_norm", None) is not None or getattr(module, "sparse", False)
+    return w.dim() == 2 and w.numel() % block_size == 0 and w.numel() % 2 == 0 and not writes
 
 
 def _pair_table(levels: torch.Tensor) -> torch.Tensor:
@@ -127,6 +131,19 @@ class _NF4Module:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
 
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        """Copy the packed tensors as they are (torchao's clone requantizes, with default sizes)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_parameters":
+                value = {n: copy_nf4(p) if p is self.weight else copy.deepcopy(p, memo) for n, p in value.items()}
+                memo.update({id(self.weight): value["weight"]})
+                new.__dict__[key] = value
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
     def extra_repr(self) -> str:
         w = self.weight
         return (f"{super().extra_repr()}, nf4(block_size={w.block_size}, "
@@ -142,7 +159,24 @@ class NF4Conv1D(_NF4Module, Conv1D):
     in_out = True
 
 
-QUANTIZED_CLASS: dict[type, type] = {nn.Linear: NF4Linear, Conv1D: NF4Conv1D}
+class NF4Embedding(_NF4Module, nn.Embedding):
+    """Looks up rows by dequantizing only the looked-up values (codes, then their block scales);
+    the output keeps the table's dtype, since what follows an embedding is not quantized."""
+
+    dense_class = nn.Embedding
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        dim = w.shape[1]
+        flat = ids.reshape(-1, 1) * dim + torch.arange(dim, device=ids.device)   # element indices
+        byte = w.quantized_data[flat >> 1]
+        code = torch.where(flat & 1 == 0, byte >> 4, byte & 15).long()
+        block = flat // w.block_size
+        scale = (w.quantized_scalers[block] / w.quantization_factor[block // w.scaler_block_size]).to(w.dtype)
+        return (w.nf4[code] * (scale + w.scaler_mean)).view(*ids.shape, dim)
+
+
+QUANTIZED_CLASS: dict[type, type] = {nn.Linear: NF4Linear, Conv1D: NF4Conv1D, nn.Embedding: NF4Embedding}
 
 
 def quantize_module(module: nn.Module, block_size: int, scaler_block_size: int,
@@ -167,6 +201,13 @@ def settings(module: nn.Module) -> tuple[int, int, torch.dtype | None]:
     """(block_size, scaler_block_size, compute_dtype) of an NF4Linear, to requantize it alike."""
     w = module.weight
     return w.block_size, w.scaler_block_size, module.compute_dtype
+
+
+def copy_nf4(w: torch.Tensor) -> nn.Parameter:
+    """An independent NF4 parameter with the same packed codes and scales."""
+    names, ctx = w.__tensor_flatten__()
+    inner = {n: getattr(w, n).clone() for n in names}
+    return nn.Parameter(type(w).__tensor_unflatten__(inner, ctx, w.shape, w.stride()), requires_grad=False)
 
 
 def nbytes(w: torch.Tensor) -> int:

@@ -23,6 +23,7 @@ from ..core.delta import Delta
 from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ..errors import ConfigError
+from ._weights import dense_weight, module_dims, weight_out_in, writable_weight  # noqa: F401
 
 
 @dataclass
@@ -83,17 +84,6 @@ def _pattern_value(patterns: dict | None, path: str, default):
     return default
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out, in): Conv1D stores (in, out), Embedding (num, dim) = (in, out)."""
-    w = module.weight
-    return w.T if isinstance(module, (Conv1D, nn.Embedding)) else w
-
-
-def module_dims(module: nn.Module) -> tuple[int, int]:
-    w = weight_out_in(module)
-    return w.shape[1], w.shape[0]
-
-
 class LoRALayer(DeltaLayer):
     mergeable = True
 
@@ -120,7 +110,7 @@ class LoRALayer(DeltaLayer):
                 raise ConfigError("DoRA supports Linear and Conv1D modules, not Embedding: "
                                   "exclude embeddings from targets or set dora=False.")
             with torch.no_grad():
-                self.magnitude = nn.Parameter(weight_out_in(module).norm(dim=1))
+                self.magnitude = nn.Parameter(dense_weight(module).norm(dim=1))
         else:
             self.magnitude = None
         self._merged_norm: torch.Tensor | None = None
@@ -142,7 +132,7 @@ class LoRALayer(DeltaLayer):
         return y + self._dora(module, x, y)
 
     def _dora(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = weight_out_in(module)
+        w = dense_weight(module)
         norm = (w + self.update().to(w.dtype)).norm(dim=1).detach()
         scale = self.magnitude / norm
         if self.dropout is None:
@@ -155,7 +145,7 @@ class LoRALayer(DeltaLayer):
 
     @torch.no_grad()
     def merge(self, module: nn.Module) -> None:
-        w = weight_out_in(module)
+        w = writable_weight(module)
         new = w + self.update().to(w.dtype)
         if self.magnitude is not None:
             self._merged_norm = new.norm(dim=1)
@@ -164,7 +154,7 @@ class LoRALayer(DeltaLayer):
 
     @torch.no_grad()
     def unmerge(self, module: nn.Module) -> None:
-        w = weight_out_in(module)
+        w = writable_weight(module, "unmerge from")
         if self.magnitude is not None and self._merged_norm is not None:
             w.copy_(w * (self._merged_norm / self.magnitude).unsqueeze(1))
             self._merged_norm = None

@@ -222,13 +222,19 @@ def test_switch_runs_once_and_not_while_merged(method):
         switch()
 
 
-def test_gpt2_conv1d_compact_product_matches_swap():
-    """The product route (Conv1D, transposed) equals swapping in W + S (the merged weights)."""
-    model = tiny_model("gpt2")
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("k", [100, 5000])
+def test_compact_linear_routes_match_merged_weights(arch, k):
+    """Sparse weights run as a product on the output (Conv1D: transposed) up to 2% density and
+    as a swapped-in W + S above; either equals the merged weights."""
+    model = tiny_model(arch)
     x = tiny_inputs(model)
     dm = dt.wrap(model, config("lt_sft", modules_to_save=[]))
-    delta = make_compact(dm, k=300)
-    assert any(isinstance(model.get_submodule(p), Conv1D) and lay.product for p, lay in delta.compact_layers())
+    delta = make_compact(dm, k=k)
+    routes = [lay._by_product(model.get_submodule(p)) for p, lay in delta.compact_layers()]
+    assert set(routes) == ({"weight"} if k == 100 else {None})
+    if arch == "gpt2":
+        assert any(isinstance(model.get_submodule(p), Conv1D) for p, _ in delta.compact_layers())
     tuned = logits_of(dm, x)
     dm.merge()
     assert torch.allclose(logits_of(dm, x), tuned, atol=1e-5)

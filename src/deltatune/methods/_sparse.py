@@ -89,6 +89,7 @@ def packed_size(shape: tuple[int, ...]) -> int:
 
 # -- a sparse weight's product without a dense weight -----------------------------------------------
 _MATMUL_DTYPES = (torch.float32, torch.float64)
+PRODUCT_MAX_DENSITY = 0.02  # above it, sparse kernels cost more than one dense weight gradient
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
@@ -111,24 +112,18 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, values, rows, cols, out_f: int, in_f: int):
-        csr, _ = _csr(rows, cols, values, (out_f, in_f))
-        ctx.save_for_backward(x2, values, rows, cols)
-        ctx.dims = (out_f, in_f)
-        return torch.sparse.mm(csr, x2.t().contiguous()).t()
+        csr, perm = _csr(rows, cols, values, (out_f, in_f))
+        ctx.save_for_backward(x2, csr, perm)
+        return torch.mm(x2, csr.t())
 
     @staticmethod
     def backward(ctx, g):
-        x2, values, rows, cols = ctx.saved_tensors
-        out_f, in_f = ctx.dims
-        gt = g.t().contiguous()
-        g_x = g_v = None
-        if ctx.needs_input_grad[0]:
-            csr_t, _ = _csr(cols, rows, values, (in_f, out_f))
-            g_x = torch.sparse.mm(csr_t, gt).t()
+        x2, csr, perm = ctx.saved_tensors
+        g_x = torch.mm(g, csr) if ctx.needs_input_grad[0] else None
+        g_v = None
         if ctx.needs_input_grad[1]:
-            csr, perm = _csr(rows, cols, values, (out_f, in_f))
-            sampled = torch.sparse.sampled_addmm(csr, gt, x2, beta=0.0).values()
-            g_v = torch.empty_like(values).index_copy_(0, perm, sampled)
+            sampled = torch.sparse.sampled_addmm(csr, g.t(), x2, beta=0.0).values()
+            g_v = torch.empty_like(sampled).index_copy_(0, perm, sampled)
         return g_x, g_v, None, None, None, None
 
 
@@ -228,11 +223,12 @@ class SparseDiffLayer(DeltaLayer):
     Dense form (training): ``dense_delta(name)``, defined by subclasses from their own tensors.
     Sparse form: ``self.sparse`` (indices + values). ``to_sparse`` switches once; the dense
     tensors are dropped then, so only the kept entries (and their optimizer state) remain.
-    In the sparse form the float32/64 weight of a Linear or Conv1D adds ``x @ S^T`` to the output
-    (``sparse_linear``) instead of building W + S: no dense copy of the weight, no dense weight
-    gradient. It composes exactly with additive deltas; under a multiplicative one (``mask``) on
-    the same weight it applies after it, whatever the activation order. Other tensors (biases,
-    norms, embeddings, half precision) are swapped in as base + S.
+    In the sparse form the float32/64 weight of a Linear or Conv1D with at most 2% of its entries
+    kept adds ``x @ S^T`` to the output (``sparse_linear``) instead of building W + S: no dense
+    copy of the weight, no dense weight gradient. It composes exactly with additive deltas; under
+    a multiplicative one (``mask``) on the same weight it applies after it, whatever the
+    activation order. Other tensors (biases, norms, embeddings, half precision, denser weights)
+    are swapped in as base + S.
     """
 
     mergeable = True
@@ -273,10 +269,12 @@ class SparseDiffLayer(DeltaLayer):
                                  self.transposed)
 
     def _by_product(self, module: nn.Module) -> str | None:
-        """The weight computed as a sparse product (float32/64 Linear or Conv1D), if any."""
-        if self.product is None or module.weight.dtype not in _MATMUL_DTYPES:
+        """The weight computed as a sparse product (a sparse float32/64 Linear or Conv1D weight)."""
+        n = self.product
+        if n is None or module.weight.dtype not in _MATMUL_DTYPES:
             return None
-        return self.product
+        numel = int(torch.Size(self.shapes[n]).numel())
+        return n if self.sparse.count(n) <= PRODUCT_MAX_DENSITY * numel else None
 
     # switching ----------------------------------------------------------------------------------
     def to_sparse(self, idx: dict[str, torch.Tensor], values: dict[str, torch.Tensor],

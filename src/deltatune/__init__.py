@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning (delta-tuning) of pretrained transformers."""
 from __future__ import annotations
 
+from .core.compose import Average, Composition, Fuse, Parallel, Stack
 from .core.config import DeltaConfig
 from .core.delta import Delta
 from .core.layer import DeltaLayer
@@ -13,6 +14,7 @@ from .version import __version__
 from . import interop  # noqa: F401  (registers the peft checkpoint loader and saver)
 
 __all__ = [
+    "Average", "Composition", "Fuse", "Parallel", "Stack",
     "CheckpointError", "ConfigError", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer",
     "DeltaModel", "DeltaNotFoundError", "MergeError", "TargetError", "__version__",
     "available_methods", "config_from_dict", "dequantize", "get_method", "load", "memory_report",

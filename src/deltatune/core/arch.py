@@ -20,6 +20,8 @@ _BERT = {
     "layernorm": r"LayerNorm",
     # sublayer modules (their output is the sublayer's output before residual + LayerNorm)
     "attn_block": r"layer\.\d+\.attention\.output\.dense", "ffn_block": r"layer\.\d+\.output\.dense",
+    # where a sublayer's input is seen, when not at the *_block module itself (parallel adapters)
+    "attn_block_in": r"layer\.\d+\.attention\.self", "ffn_block_in": r"layer\.\d+\.intermediate",
 }
 _GPT2 = {
     "query": r"attn\.c_attn", "key": r"attn\.c_attn", "value": r"attn\.c_attn",

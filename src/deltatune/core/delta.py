@@ -33,6 +33,7 @@ class Delta(nn.Module):
     config_cls: ClassVar[type[DeltaConfig]]
     default_roles: ClassVar[tuple[str, ...]] = ()
     supported_types: ClassVar[tuple[type, ...]] = ()  # empty: any module type
+    combiner: ClassVar[bool] = False  # True: only mixes other deltas' outputs (compose.Fuse)
 
     def __init__(self, name: str, config: DeltaConfig, model: nn.Module):
         super().__init__()
@@ -110,6 +111,16 @@ class Delta(nn.Module):
 
     def on_step(self, step: int) -> None:
         """Called once per optimizer step by ``DeltaModel.step`` (budget schedules, ...)."""
+
+    # -- weighted combination of several deltas of this method (DeltaModel.add_weighted) ---------
+    @classmethod
+    def weighted(cls, name: str, deltas: list[Delta], weights: list[float], model: nn.Module,
+                 how: str = "linear", **options: Any) -> Delta:
+        """A new delta equal to a weighted combination of `deltas`; methods that define one override."""
+        method = deltas[0].config.method
+        raise MergeError(f"method {method!r} has no weighted combination into one delta: combine "
+                         f"LoRA deltas, or run {method!r} deltas together with "
+                         f"activate(..., composition='average', weights=[...]).")
 
     # -- merging --------------------------------------------------------------------------------
     @property

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from .compose import Call, Composition
 from .layer import DeltaLayer, first_input
 
 
@@ -25,8 +26,14 @@ class Host:
         self._handles: list[Any] = []
         self._swapped: list[dict[str, Any]] = []
         self._routes: list[tuple[DeltaLayer, torch.Tensor]] | None = None
+        self._comp: Composition | None = None
 
-    def set_active(self, names: tuple[str, ...]) -> None:
+    def set_active(self, names: tuple[str, ...], composition: Composition | None = None) -> None:
+        """Run these deltas' layers stacked in this order, or evaluate `composition` on each call."""
+        self._comp = composition if composition is not None and any(
+            n in self.layers for n in composition.names()) else None
+        if composition is not None:
+            names = ()
         active = [self.layers[n] for n in names if n in self.layers]
         uses = [type(layer).uses() for layer in active]
         self._pre = [lay for lay, u in zip(active, uses) if u[0]]
@@ -41,7 +48,7 @@ class Host:
             self.set_active(())
             return
         self._routes = [(self.layers[n], idx) for n, idx in rows.items() if n in self.layers]
-        self._pre, self._par = [], []
+        self._pre, self._par, self._comp = [], [], None
         self._post = [layer for layer, _ in self._routes]
         self._install()
 
@@ -54,11 +61,12 @@ class Host:
             self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         if self._par:
             self._handles.append(m.register_forward_hook(self._restore_hook, always_call=True))
-        if self._post:
+        if self._post or self._comp is not None:
             self._handles.append(m.register_forward_hook(self._post_hook, with_kwargs=True))
 
     def close(self) -> None:
         self._pre = self._par = self._post = []
+        self._comp = None
         self._install()
 
     # -- the hooks --------------------------------------------------------------------------------
@@ -83,6 +91,8 @@ class Host:
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._routes is not None:
             return self._routed_post(module, args, kwargs, output)
+        if self._comp is not None:
+            return self._comp.run(Call(self, module, args, kwargs), output)
         for layer in self._post:
             output = layer.forward_post(module, args, kwargs, output)
         return output
@@ -94,6 +104,9 @@ class Host:
         weights re-run the module's own forward (no hooks) on their rows.
         """
         x = first_input(args, kwargs)
+        whole = output
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            output = output[0]  # attention blocks: (hidden states, weights, ...)
         if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
             raise ConfigError(f"{self.path or '<model>'} does not map one tensor to one tensor, so "
                               f"its deltas cannot run per example: split the batch by delta instead.")
@@ -109,7 +122,7 @@ class Host:
                 raise ConfigError(f"{type(layer).__name__} on {self.path or '<model>'} changes the "
                                   f"output shape, so it cannot run per example: split the batch.")
             out[idx] = rows_out
-        return out
+        return out if whole is output else (out, *whole[1:])
 
     @staticmethod
     def _rerun(module: nn.Module, layer: DeltaLayer, x: torch.Tensor, pre: bool, par: bool) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, DeltaNotFoundError, MergeError, did_you_mean
+from . import compose
+from .compose import Composition
 from .config import DeltaConfig
 from .delta import Delta, key_to_path
 from .hooks import Host
@@ -33,6 +35,9 @@ class DeltaModel(nn.Module):
         self.delta_modules = nn.ModuleDict()
         self._hosts: dict[str, Host] = {}
         self._active: tuple[str, ...] = ()
+        self._composition: Composition | None = None  # None: plain stacking of _active
+        self._frozen: list[nn.Parameter] = []  # frozen by the active composition (Fuse members)
+        self._root_hook: Any = None
         self._merged: list[str] = []
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -45,6 +50,11 @@ class DeltaModel(nn.Module):
     @property
     def active(self) -> tuple[str, ...]:
         return self._active
+
+    @property
+    def composition(self) -> Composition:
+        """The active composition (``Stack`` of ``active`` unless another one was activated)."""
+        return self._composition or compose.Stack(*self._active)
 
     @property
     def merged(self) -> tuple[str, ...]:
@@ -60,11 +70,38 @@ class DeltaModel(nn.Module):
             config = config_from_dict(config)
         if not isinstance(config, DeltaConfig):
             raise ConfigError(f"config must be a DeltaConfig or a dict, got {type(config).__name__}.")
+        self._check_new_name(name)
+        return self._attach(name, get_method(config.method).delta_cls(name, config, self.model))
+
+    def add_weighted(self, name: str, sources: list[str], weights: list[float] | None = None,
+                     how: str = "linear", **options: Any) -> Delta:
+        """A new delta `name` from a weighted combination of `sources` (same method), inactive.
+
+        The sources' method defines what that means (``Delta.weighted``); for LoRA: ``how="linear"``
+        (exact: the factors concatenated), ``"svd"``, ``"ties"`` or ``"dare"`` (dense updates
+        combined, then re-factorized to ``rank``). Default weights: 1 each.
+        """
+        self._check_new_name(name)
+        if not sources:
+            raise ConfigError("add_weighted() needs at least one source delta.")
+        deltas = [self.get_delta(n) for n in sources]
+        kinds = {type(d) for d in deltas}
+        if len(kinds) > 1:
+            raise MergeError(f"add_weighted() combines deltas of one method; got "
+                             f"{sorted({d.config.method for d in deltas})}.")
+        w = [1.0] * len(deltas) if weights is None else [float(v) for v in weights]
+        if len(w) != len(deltas):
+            raise ConfigError(f"add_weighted() got {len(w)} weights for {len(deltas)} sources.")
+        delta = type(deltas[0]).weighted(name, deltas, w, self.model, how=how, **options)
+        return self._attach(name, delta)
+
+    def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(f"delta name {name!r} is invalid: use letters, digits, '_' or '-'.")
         if name in self.delta_modules:
             raise ConfigError(f"a delta named {name!r} exists already: remove it or pick a new name.")
-        delta = get_method(config.method).delta_cls(name, config, self.model)
+
+    def _attach(self, name: str, delta: Delta) -> Delta:
         delta.to(self._device())
         delta.train(self.model.training)
         self.delta_modules[name] = delta
@@ -74,18 +111,42 @@ class DeltaModel(nn.Module):
             if host is None:
                 host = self._hosts[path] = Host(self.model.get_submodule(path), path)
             host.layers[name] = layer
-        if not self._active:
+        if not self._active and not delta.combiner:
             self.activate(name)
         return delta
 
-    def activate(self, *names: str) -> None:
-        """Make exactly these deltas active, applied in this order (stacking)."""
-        for n in names:
+    def activate(self, *names: str | Composition, composition: str | Composition = "stack",
+                 weights: list[float] | None = None, fusion: str | None = None) -> None:
+        """Make exactly these deltas active, applied in this order (stacking) by default.
+
+        ``composition="parallel"`` (one batch copy per delta, outputs concatenated along the batch),
+        ``"average"`` (``weights``), ``"fuse"`` (``fusion=`` a fusion delta), or a composition
+        object (``dt.Stack``, ``dt.Parallel``, ``dt.Average``, ``dt.Fuse``; they nest).
+        """
+        comp = compose.build(names, composition, weights, fusion)
+        for n in comp.names():
             self._check_name(n)
-        if len(set(names)) != len(names):
-            raise ConfigError(f"activate() got a name twice: {names}.")
-        self._active = tuple(names)
+        compose.check(comp, self.get_delta)
+        plain = comp.is_plain_stack()
+        merged = [n for n in comp.names() if n in self._merged]
+        if merged and not plain:
+            raise MergeError(f"deltas {merged} are merged into the base weights, so {comp!r} cannot "
+                             f"keep them apart: call unmerge() first.")
+        self._active = comp.names()
+        self._composition = None if plain else comp
+        self._refreeze()
         self._refresh()
+
+    def _refreeze(self) -> None:
+        """Unfreeze what the previous composition froze; freeze what the current one keeps fixed."""
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+        if self._composition is not None:
+            for n in self._composition.frozen():
+                self._frozen += [p for p in self.delta_modules[n].parameters() if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
 
     def remove(self, name: str) -> None:
         self._check_name(name)
@@ -96,6 +157,9 @@ class DeltaModel(nn.Module):
                 host.close()
                 del self._hosts[path]
         del self.delta_modules[name]
+        if self._composition is not None and name in self._composition.names():
+            self._composition, self._active = None, ()  # a composition without a member: none
+            self._refreeze()
         self._active = tuple(n for n in self._active if n != name)
         self._refresh()
 
@@ -107,13 +171,13 @@ class DeltaModel(nn.Module):
                 f"deltas {self._merged} are merged into the base weights, so disabling cannot give "
                 f"the base model: call unmerge() first."
             )
-        saved = self._active
-        self._active = ()
+        saved = self._active, self._composition
+        self._active, self._composition = (), None
         self._refresh()
         try:
             yield
         finally:
-            self._active = saved
+            self._active, self._composition = saved
             self._refresh()
 
     @contextlib.contextmanager
@@ -144,7 +208,14 @@ class DeltaModel(nn.Module):
     def _refresh(self) -> None:
         running = tuple(n for n in self._active if n not in self._merged)
         for host in self._hosts.values():
-            host.set_active(running)
+            host.set_active(running, self._composition)
+        if self._root_hook is not None:
+            self._root_hook.remove()
+            self._root_hook = None
+        comp = self._composition
+        if isinstance(comp, compose.Parallel):  # one batch copy per member, made at the model input
+            self._root_hook = self.model.register_forward_pre_hook(
+                lambda module, args, kwargs: comp.replicate(args, kwargs), with_kwargs=True, prepend=True)
 
     def _check_name(self, name: str) -> None:
         if name not in self.delta_modules:
@@ -162,6 +233,9 @@ class DeltaModel(nn.Module):
             self._check_name(n)
             if n in self._merged:
                 raise MergeError(f"delta {n!r} is merged already.")
+            if self._composition is not None and n in self._composition.names():
+                raise MergeError(f"delta {n!r} runs in {self._composition!r}, which weights cannot "
+                                 f"hold: activate it alone or stacked before merging.")
         for n in names:
             self.delta_modules[n].merge(self.model)
             self._merged.append(n)
@@ -181,12 +255,13 @@ class DeltaModel(nn.Module):
             self.merge_all_active()
         else:
             self.unmerge()
+        self._active, self._composition = (), None
+        self._refresh()
         for host in self._hosts.values():
             host.close()
         self._hosts.clear()
         self._merged.clear()
         self.delta_modules = nn.ModuleDict()
-        self._active = ()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
         return self.model

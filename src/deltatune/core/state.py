@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import CheckpointError, ConfigError
 from ..version import FORMAT_VERSION, __version__
+from . import compose
 from .arch import model_type
 from .registry import config_from_dict
 
@@ -80,6 +81,8 @@ def save(dm, path: str | os.PathLike, name: str | None = None, format: str = "de
     for n in dm.deltas:
         save_one(dm, n, root / n)
     index = {"format": "deltatune", "deltas": dm.deltas, "active": list(dm.active)}
+    if not dm.composition.is_plain_stack():
+        index["composition"] = dm.composition.to_dict()
     atomic_write(root / INDEX_FILE, json.dumps(index, indent=2).encode())
 
 
@@ -196,8 +199,12 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
         names = [name]
     for n in names:
         load_one(dm, root / n, n, activate=False)
-    active = [n for n in index.get("active", []) if n in names] or names[:1]
-    dm.activate(*active)
+    comp = index.get("composition")
+    if comp is not None and set(compose.from_dict(comp).names()) <= set(names):
+        dm.activate(compose.from_dict(comp))
+        return dm
+    active = [n for n in index.get("active", []) if n in names and not dm.get_delta(n).combiner]
+    dm.activate(*(active or [n for n in names if not dm.get_delta(n).combiner][:1]))
     return dm
 
 
@@ -214,5 +221,5 @@ def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
     except Exception:
         dm.remove(name)
         raise
-    if activate:
+    if activate and not delta.combiner:  # a fusion runs only inside activate(..., fusion=name)
         dm.activate(name)

@@ -168,6 +168,13 @@ class LoRADelta(Delta):
     def make_layer(self, path: str, module: nn.Module) -> DeltaLayer:
         return LoRALayer(module, self.config, *self.config.rank_alpha(path))
 
+    @classmethod
+    def weighted(cls, name, deltas, weights, model, how="linear", **options):
+        """linear (exact factor concatenation), svd, ties or dare: see methods/_lora_merge.py."""
+        from ._lora_merge import weighted
+
+        return weighted(cls, name, deltas, weights, model, how=how, **options)
+
 
 register("lora", LoRAConfig, LoRADelta, family="reparameterized", paper="Hu et al. 2021 (LoRA); "
          "Kalajdzievski 2023 (rsLoRA); Liu et al. 2024 (DoRA)")

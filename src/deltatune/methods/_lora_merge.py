@@ -1,0 +1,147 @@
+"""Weighted combination of LoRA deltas into one new LoRA delta (``DeltaModel.add_weighted``).
+
+With dW_i = s_i B_i A_i the update of delta i on a module (zero where it has none):
+- ``linear``: dW = sum_i w_i dW_i exactly, by concatenating factors: A = [A_1; A_2; ...],
+  B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (rank sum_i r_i).
+- ``svd``: the same dW, re-factorized to ``rank`` (default: the largest source rank) by a truncated
+  SVD; exact when ``rank`` >= the rank of dW.
+- ``ties`` (Yadav et al. 2023): each dW_i keeps its top ``density`` fraction of entries by
+  magnitude; each entry's sign is elected by the sign of the sum of the trimmed dW_i; the weighted
+  entries that agree with it are averaged (disjoint mean); then SVD to ``rank``.
+- ``dare`` (Yu et al. 2024): each dW_i keeps a random ``density`` fraction of its entries (seeded),
+  rescaled by 1/density; then the weighted sum and SVD to ``rank``.
+Task heads saved with the deltas combine as base + sum_i w_i (head_i - base). DoRA deltas have a
+per-row magnitude that does not combine linearly, so they are refused.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from ..core.delta import key_to_path, path_to_key
+from ..core.layer import ParamCopy
+from ..errors import ConfigError, MergeError
+
+if TYPE_CHECKING:
+    from .lora import LoRADelta, LoRALayer
+
+HOWS = ("linear", "svd", "ties", "dare")
+
+
+def weighted(cls: type[LoRADelta], name: str, deltas: list[LoRADelta], weights: list[float],
+             model: nn.Module, how: str = "linear", rank: int | None = None, density: float = 0.5,
+             seed: int = 0) -> LoRADelta:
+    from .lora import LoRAConfig, LoRALayer
+
+    _check_options(how, rank, density)
+    for d in deltas:
+        if d.config.dora:
+            raise MergeError(f"delta {d.name!r} uses DoRA, whose magnitude vector does not combine "
+                             f"linearly: add_weighted() takes plain LoRA (or rsLoRA) deltas.")
+        odd = [k for k, lay in d.layers.items() if not isinstance(lay, (LoRALayer, ParamCopy))]
+        if odd:
+            raise MergeError(f"delta {d.name!r} has a {type(d.layers[odd[0]]).__name__} at "
+                             f"{key_to_path(odd[0])}: add_weighted() combines LoRA layers only.")
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    paths = sorted({key_to_path(k) for d in deltas for k, lay in d.layers.items()
+                    if isinstance(lay, LoRALayer)}, key=order.__getitem__)
+    ranks = [d.config.r for d in deltas]
+    r_new = sum(ranks) if how == "linear" else (rank or max(ranks))
+    heads = sorted({h for d in deltas for h in d.head_names(model)})
+    dropouts = {d.config.dropout for d in deltas}
+    cfg = LoRAConfig(r=r_new, alpha=float(r_new), targets=paths, modules_to_save=heads,
+                     dropout=dropouts.pop() if len(dropouts) == 1 else 0.0)
+    new = cls(name, cfg, model)
+    gen = torch.Generator().manual_seed(seed)  # dare's random masks, drawn in module order
+    with torch.no_grad():
+        for path in paths:
+            layer: LoRALayer = new.layers[path_to_key(path)]
+            parts = [d.layers[path_to_key(path)] if path_to_key(path) in d.layers else None for d in deltas]
+            if how == "linear":
+                _concat(layer, parts, weights, ranks)
+            else:
+                dense = [p.update().double() if p is not None else None for p in parts]
+                _factorize(layer, _combine(dense, weights, how, density, gen))
+        _combine_heads(new, deltas, weights, model)
+    return new
+
+
+def _check_options(how: str, rank: int | None, density: float) -> None:
+    if how not in HOWS:
+        raise ConfigError(f"how={how!r} is unknown: use one of {', '.join(HOWS)}.")
+    if rank is not None:
+        if how == "linear":
+            raise ConfigError("rank= applies to how='svd', 'ties' or 'dare' (linear keeps every factor).")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ConfigError(f"rank={rank!r} is invalid: expected a positive integer.")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ConfigError(f"density={density!r} is invalid: expected a fraction in (0, 1].")
+
+
+def _concat(layer: LoRALayer, parts: list[Any], weights: list[float], ranks: list[int]) -> None:
+    a_blocks, b_blocks = [], []
+    for part, w, r in zip(parts, weights, ranks):
+        if part is None:
+            a_blocks.append(layer.lora_A.new_zeros(r, layer.lora_A.shape[1]))
+            b_blocks.append(layer.lora_B.new_zeros(layer.lora_B.shape[0], r))
+        else:
+            a_blocks.append(part.lora_A)
+            b_blocks.append(part.lora_B * (w * part.scaling))
+    layer.lora_A.copy_(torch.cat(a_blocks, dim=0))
+    layer.lora_B.copy_(torch.cat(b_blocks, dim=1) / layer.scaling)
+
+
+def _combine(dense: list[torch.Tensor | None], weights: list[float], how: str, density: float,
+             gen: torch.Generator) -> torch.Tensor:
+    like = next(t for t in dense if t is not None)
+    tau = torch.stack([t if t is not None else torch.zeros_like(like) for t in dense])
+    w = torch.tensor(weights, dtype=tau.dtype).view(-1, *[1] * like.dim())
+    if how == "svd":
+        return (w * tau).sum(0)
+    if how == "dare":
+        keep = torch.rand(tau.shape, generator=gen, dtype=tau.dtype) < density
+        return (w * tau * keep / density).sum(0)
+    return _ties(tau, w, density)
+
+
+def _ties(tau: torch.Tensor, w: torch.Tensor, density: float) -> torch.Tensor:
+    flat = tau.reshape(len(tau), -1)
+    k = int(density * flat.shape[1])
+    trimmed = torch.zeros_like(flat)
+    if k > 0:
+        idx = flat.abs().topk(k, dim=1).indices
+        trimmed.scatter_(1, idx, flat.gather(1, idx))
+    trimmed = trimmed.view_as(tau)
+    elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = (trimmed.sign() == elected).to(tau.dtype)
+    return (w * trimmed * agree).sum(0) / agree.sum(0).clamp(min=1.0)
+
+
+def _factorize(layer: LoRALayer, dense: torch.Tensor) -> None:
+    """lora_B @ lora_A * scaling = the best rank-r approximation of `dense` (sqrt(S) on each side)."""
+    r = layer.lora_A.shape[0]
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    k = min(r, s.numel())
+    root = s[:k].sqrt()
+    b = torch.zeros(dense.shape[0], r, dtype=dense.dtype)
+    a = torch.zeros(r, dense.shape[1], dtype=dense.dtype)
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vh[:k]
+    layer.lora_A.copy_(a.to(layer.lora_A.dtype))
+    layer.lora_B.copy_((b / layer.scaling).to(layer.lora_B.dtype))
+
+
+def _combine_heads(new: LoRADelta, deltas: list[LoRADelta], weights: list[float], model: nn.Module) -> None:
+    for key, layer in new.layers.items():
+        if not isinstance(layer, ParamCopy):
+            continue
+        module = model.get_submodule(key_to_path(key))
+        for pname, value in layer.values.items():
+            base = getattr(module, pname).detach()
+            total = base.clone()
+            for d, w in zip(deltas, weights):
+                src = d.layers[key].values[pname] if key in d.layers else base
+                total += w * (src - base)
+            value.copy_(total)

@@ -1,0 +1,172 @@
+"""Bottleneck adapters: Houlsby et al. 2019, Pfeiffer et al. 2021 (placement), He et al. 2022
+(parallel).
+
+An adapter is f(h) = s * up(act(down(LN?(h)))), with down: d -> m, up: m -> d, m = bottleneck
+(or d // reduction_factor). Serial placements add it after a sublayer, on the sublayer output
+before the residual add + LayerNorm: y -> y + f(y) ("houlsby": after attention and feed-forward;
+"pfeiffer": after feed-forward only). "parallel" computes it from the sublayer input and adds it
+to the sublayer output: y -> y + s * f(x), s = 4 by default (He et al.). The up-projection starts
+at zero (``init="zero"``), so a fresh adapter is the identity; ``init="houlsby"`` draws both
+projections from N(0, 1e-2) (near-identity, as in Houlsby et al.). Adapters are non-linear, so they
+do not merge into the base weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.compose import main_tensor, replace_main
+from ..core.delta import Delta, path_to_key
+from ..core.layer import DeltaLayer
+from ..core.registry import register
+from ..errors import ConfigError, TargetError
+from ._sublayers import Site, SublayerConfig, find_sites
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+@dataclass
+class AdapterConfig(SublayerConfig):
+    """reduction_factor: bottleneck m = hidden // reduction_factor (unless `bottleneck` is given).
+    scaling: factor on the adapter output; None = 4.0 for parallel (He et al. 2022), else 1.0.
+    layer_norm: a LayerNorm on the adapter input. dropout: on the adapter output."""
+
+    reduction_factor: float = 16.0
+    bottleneck: int | None = None
+    activation: str = "relu"
+    layer_norm: bool = False
+    scaling: float | None = None
+    init: str = "zero"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_range("reduction_factor", 0, low_open=True)
+        if self.bottleneck is not None:
+            self.check_range("bottleneck", 1, integer=True)
+        self.check_choice("activation", tuple(ACTIVATIONS))
+        self.check_choice("layer_norm", (True, False))
+        if self.scaling is not None:
+            self.check_range("scaling")
+        self.check_choice("init", ("zero", "houlsby"))
+        self.check_range("dropout", 0.0, 1.0, high_open=True)
+
+    @property
+    def scale(self) -> float:
+        if self.scaling is not None:
+            return float(self.scaling)
+        return 4.0 if self.parallel else 1.0
+
+    def bottleneck_size(self, dim: int) -> int:
+        return self.bottleneck if self.bottleneck is not None else max(1, int(dim // self.reduction_factor))
+
+
+class Bottleneck(nn.Module):
+    """h -> scale * up(act(down(norm(h)))), dropout on the result."""
+
+    def __init__(self, dim: int, cfg: AdapterConfig, down: nn.Module, up: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim) if cfg.layer_norm else None
+        self.down = down
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.up = up
+        self.scaling = cfg.scale
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            h = self.norm(h)
+        out = self.up(self.act(self.down(h)))
+        if self.scaling != 1.0:
+            out = out * self.scaling
+        return self.dropout(out) if self.dropout is not None else out
+
+
+class SerialAdapter(DeltaLayer):
+    """y -> y + f(y) on the sublayer output (its first element for tuple outputs)."""
+
+    def __init__(self, adapter: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+
+    def post(self, module: nn.Module, x: Any, y: Any) -> Any:
+        h = main_tensor(y)
+        return replace_main(y, h + self.adapter(h))
+
+
+class InputTap(DeltaLayer):
+    """Keeps the input of the module that receives a sublayer's input, for a ParallelAdapter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: torch.Tensor | None = None
+
+    def post(self, module: nn.Module, x: Any, y: Any) -> Any:
+        self.seen = x
+        return y
+
+
+class ParallelAdapter(DeltaLayer):
+    """y -> y + f(x), x the sublayer input (this module's own input, or an InputTap's)."""
+
+    def __init__(self, adapter: nn.Module, tap: InputTap | None, path: str):
+        super().__init__()
+        self.adapter = adapter
+        self._tap = [tap] if tap is not None else []  # a list: not a registered submodule
+        self._path = path
+
+    def post(self, module: nn.Module, x: Any, y: Any) -> Any:
+        if self._tap:
+            x, self._tap[0].seen = self._tap[0].seen, None
+            if x is None:
+                raise ConfigError(f"the parallel adapter at {self._path} did not see its sublayer input: "
+                                  f"the '*_block_in' module must run before {self._path}.")
+        h = main_tensor(y)
+        return replace_main(y, h + self.adapter(main_tensor(x)))
+
+
+class AdapterDelta(Delta):
+    def build(self, model: nn.Module) -> None:
+        for site in find_sites(model, self.config, self.config.method):
+            net = self.bottleneck(site)
+            if not self.config.parallel:
+                self.add_layer(site.path, SerialAdapter(net))
+                continue
+            tap = None
+            if site.input_path != site.path:
+                tap = InputTap()
+                self._add_unique(site.input_path, tap)
+            self._add_unique(site.path, ParallelAdapter(net, tap, site.path))
+
+    def _add_unique(self, path: str, layer: DeltaLayer) -> None:
+        if path_to_key(path) in self.layers:
+            raise TargetError(f"{path!r} is both a sublayer input and output for method "
+                              f"{self.config.method!r}: name distinct modules in sublayers=.")
+        self.add_layer(path, layer)
+
+    def bottleneck(self, site: Site) -> Bottleneck:
+        cfg = self.config
+        m = cfg.bottleneck_size(site.dim)
+        net = Bottleneck(site.dim, cfg, self.projection(site.dim, m, up=False),
+                         self.projection(m, site.dim, up=True))
+        return net.to(site.dtype)
+
+    def projection(self, d_in: int, d_out: int, up: bool) -> nn.Module:
+        lin = nn.Linear(d_in, d_out)
+        with torch.no_grad():
+            nn.init.zeros_(lin.bias)
+            if self.config.init == "houlsby":
+                nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
+            elif up:
+                nn.init.zeros_(lin.weight)  # the identity at init
+        return lin
+
+
+register("adapter", AdapterConfig, AdapterDelta, family="additive",
+         paper="Houlsby et al. 2019; Pfeiffer et al. 2021 (placement); He et al. 2022 (parallel)")

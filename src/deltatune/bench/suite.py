@@ -38,7 +38,7 @@ class SuiteConfig:
     methods: list[str] | None = None  # None: full + every registered method + default combinations
     seeds: list[int] = field(default_factory=lambda: [0])
     budget: Budget = field(default_factory=Budget)
-    out: str = "bench_results"
+    out: str = "bench-out"
     data_dir: str | None = None
     device: str = "auto"
     mixed_precision: str = "no"

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                    help="default: full + every registered method + default combinations")
     p.add_argument("--exclude", nargs="+", default=[], metavar="SPEC", help="drop these from the method list")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED")
-    p.add_argument("--out", default="bench_results", help="output directory (default %(default)s)")
+    p.add_argument("--out", default="bench-out", help="output directory (default %(default)s)")
     p.add_argument("--fresh", action="store_true", help="re-run every cell even if results exist")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="print the tasks, methods, learning rates and budget, then exit")

@@ -66,7 +66,7 @@ def test_train_then_eval_reproduces_the_dev_score(tmp_path):
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["bench", "--model", "tiny-bert", "--methods", "lorra", "--out", str(tmp_path)]) == 1
-    assert "deltatune: error: unknown method 'lorra'. Did you mean: lora?" in capsys.readouterr().err
+    assert "deltatune: error: unknown method 'lorra'. Did you mean: lora" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--task", "SST-2", "--method", "lora", "--out", str(tmp_path), "--steps", "0"]) == 1

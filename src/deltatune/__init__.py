@@ -9,13 +9,16 @@ from .core.model import DeltaModel, wrap
 from .core.registry import available_methods, config_from_dict, get_method, register
 from .core.state import load
 from .errors import CheckpointError, ConfigError, DeltaError, DeltaNotFoundError, MergeError, TargetError
+from .quant import dequantize, memory_report, merge_quantized, quantize
 from .version import __version__
+from . import interop  # noqa: F401  (registers the peft checkpoint loader and saver)
 
 __all__ = [
     "Average", "Composition", "Fuse", "Parallel", "Stack",
     "CheckpointError", "ConfigError", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer",
     "DeltaModel", "DeltaNotFoundError", "MergeError", "TargetError", "__version__",
-    "available_methods", "config_from_dict", "get_method", "load", "register", "wrap",
+    "available_methods", "config_from_dict", "dequantize", "get_method", "load", "memory_report",
+    "merge_quantized", "quantize", "register", "wrap",
 ]
 
 

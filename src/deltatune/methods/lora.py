@@ -4,10 +4,13 @@ h = W x + s * B A x, with A (r x in) Kaiming-uniform (or Gaussian), B (out x r) 
 s = alpha / r (or alpha / sqrt(r) with rsLoRA). DoRA rescales the merged direction per output:
 W' = m * (W + sBA) / ||W + sBA||, m initialised to ||W|| (row norms), the norm not back-propagated
 (as in the DoRA paper, section 4.3, and peft). Works on nn.Linear, GPT-2's Conv1D and nn.Embedding.
+``rank_pattern`` / ``alpha_pattern`` give single modules their own r / alpha, matched as peft does
+(a regex matching the end of the module path, first match wins), so peft checkpoints carry over.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,7 @@ from ..core.delta import Delta
 from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ..errors import ConfigError
+from ._weights import dense_weight, module_dims, weight_out_in, writable_weight  # noqa: F401
 
 
 @dataclass
@@ -30,6 +34,8 @@ class LoRAConfig(DeltaConfig):
     rslora: bool = False
     dora: bool = False
     init: str = "kaiming"  # or "gaussian" (A ~ N(0, 1/r)), B zero either way
+    rank_pattern: dict[str, int] | None = None     # {regex on module path: r}, e.g. {"layer.0.*query": 4}
+    alpha_pattern: dict[str, float] | None = None  # {regex on module path: alpha}
 
     def validate(self) -> None:
         super().validate()
@@ -39,39 +45,63 @@ class LoRAConfig(DeltaConfig):
         self.check_choice("init", ("kaiming", "gaussian"))
         self.check_choice("rslora", (True, False))
         self.check_choice("dora", (True, False))
+        self._check_pattern("rank_pattern", integer=True)
+        self._check_pattern("alpha_pattern", integer=False)
+
+    def _check_pattern(self, name: str, integer: bool) -> None:
+        patterns = getattr(self, name)
+        if patterns is None:
+            return
+        kind = "positive integers" if integer else "positive numbers"
+        if not isinstance(patterns, dict):
+            self._fail(name, patterns, f"a dict {{module-path regex: value}} of {kind}")
+        for key, value in patterns.items():
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if not isinstance(key, str) or isinstance(value, bool) or not ok or value <= 0:
+                self._fail(name, patterns, f"a dict {{module-path regex: value}} of {kind}")
+            try:
+                re.compile(key)
+            except re.error as e:
+                self._fail(name, patterns, f"valid regexes ({key!r}: {e})")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return self.scaling_for(self.r, self.alpha)
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        return alpha / (math.sqrt(r) if self.rslora else r)
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """r and alpha of the module at `path`: the first matching pattern, else the defaults."""
+        return (_pattern_value(self.rank_pattern, path, self.r),
+                _pattern_value(self.alpha_pattern, path, self.alpha))
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out, in): Conv1D stores (in, out), Embedding (num, dim) = (in, out)."""
-    w = module.weight
-    return w.T if isinstance(module, (Conv1D, nn.Embedding)) else w
-
-
-def module_dims(module: nn.Module) -> tuple[int, int]:
-    w = weight_out_in(module)
-    return w.shape[1], w.shape[0]
+def _pattern_value(patterns: dict | None, path: str, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 class LoRALayer(DeltaLayer):
     mergeable = True
 
-    def __init__(self, module: nn.Module, cfg: LoRAConfig):
+    def __init__(self, module: nn.Module, cfg: LoRAConfig, r: int | None = None, alpha: float | None = None):
         super().__init__()
+        r = cfg.r if r is None else r
+        alpha = cfg.alpha if alpha is None else alpha
         d_in, d_out = module_dims(module)
         w = module.weight
         self.embedding = isinstance(module, nn.Embedding)
-        self.scaling = cfg.scaling
-        self.lora_A = nn.Parameter(torch.empty(cfg.r, d_in, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, cfg.r, dtype=w.dtype, device=w.device))
+        self.scaling = cfg.scaling_for(r, alpha)
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=w.dtype, device=w.device))
         if self.embedding:  # as peft: A zero, B normal, so that lookups start at zero
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
         elif cfg.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / cfg.r)
+            nn.init.normal_(self.lora_A, std=1 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
@@ -80,7 +110,7 @@ class LoRALayer(DeltaLayer):
                 raise ConfigError("DoRA supports Linear and Conv1D modules, not Embedding: "
                                   "exclude embeddings from targets or set dora=False.")
             with torch.no_grad():
-                self.magnitude = nn.Parameter(weight_out_in(module).norm(dim=1))
+                self.magnitude = nn.Parameter(dense_weight(module).norm(dim=1))
         else:
             self.magnitude = None
         self._merged_norm: torch.Tensor | None = None
@@ -102,7 +132,7 @@ class LoRALayer(DeltaLayer):
         return y + self._dora(module, x, y)
 
     def _dora(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = weight_out_in(module)
+        w = dense_weight(module)
         norm = (w + self.update().to(w.dtype)).norm(dim=1).detach()
         scale = self.magnitude / norm
         if self.dropout is None:
@@ -115,7 +145,7 @@ class LoRALayer(DeltaLayer):
 
     @torch.no_grad()
     def merge(self, module: nn.Module) -> None:
-        w = weight_out_in(module)
+        w = writable_weight(module)
         new = w + self.update().to(w.dtype)
         if self.magnitude is not None:
             self._merged_norm = new.norm(dim=1)
@@ -124,7 +154,7 @@ class LoRALayer(DeltaLayer):
 
     @torch.no_grad()
     def unmerge(self, module: nn.Module) -> None:
-        w = weight_out_in(module)
+        w = writable_weight(module, "unmerge from")
         if self.magnitude is not None and self._merged_norm is not None:
             w.copy_(w * (self._merged_norm / self.magnitude).unsqueeze(1))
             self._merged_norm = None
@@ -136,7 +166,7 @@ class LoRADelta(Delta):
     supported_types = (nn.Linear, Conv1D, nn.Embedding)
 
     def make_layer(self, path: str, module: nn.Module) -> DeltaLayer:
-        return LoRALayer(module, self.config)
+        return LoRALayer(module, self.config, *self.config.rank_alpha(path))
 
     @classmethod
     def weighted(cls, name, deltas, weights, model, how="linear", **options):

@@ -1,0 +1,14 @@
+"""The benchmark harness: methods x tasks x seeds against full fine-tuning, measuring performance,
+convergence and efficiency the way the delta-tuning literature does (``deltatune bench``)."""
+from __future__ import annotations
+
+from .loop import Budget
+from .methods import DEFAULT_LR, FALLBACK_LR, MethodSpec, default_methods, parse_method
+from .suite import DEFAULT_TASKS, SuiteConfig, run_suite
+from .tasks import Examples, Task, available_tasks, file_task, get_task, parse_task, register_task, verify_glue
+
+__all__ = [
+    "Budget", "DEFAULT_LR", "DEFAULT_TASKS", "Examples", "FALLBACK_LR", "MethodSpec", "SuiteConfig",
+    "Task", "available_tasks", "default_methods", "file_task", "get_task", "parse_method",
+    "parse_task", "register_task", "run_suite", "verify_glue",
+]

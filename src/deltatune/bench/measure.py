@@ -1,0 +1,104 @@
+"""Peak memory of a training cell, and a description of the machine for the results.
+
+CPU: the process's resident set size (RSS), sampled by a background thread (the OS keeps no
+per-interval peak); freed heap is handed back to the OS first (glibc ``malloc_trim``, after the
+runner's ``accelerator.free_memory()`` collected garbage) so that a previous run's memory does not
+hide this one's growth. CUDA: the allocator's own peak counter.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+from typing import Any
+
+import torch
+
+MB = 1024 * 1024
+
+
+def _trim() -> None:
+    """Hand freed heap back to the OS (the caller has run the garbage collector already)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back
+        pass
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Context manager: ``start_mb`` when entered, ``peak_mb`` over the block, ``kind``."""
+
+    def __init__(self, device: torch.device, interval: float = 0.01):
+        self.device, self.interval = device, interval
+        self.kind = "cuda_allocated" if device.type == "cuda" else "cpu_rss"
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        _trim()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / MB
+        else:
+            self._peak = _rss()
+            self.start_mb = self._peak / MB
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MB
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, _rss()) / MB
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, num_processes: int = 1, mixed_precision: str = "no") -> dict[str, Any]:
+    import accelerate
+    import transformers
+
+    from ..version import __version__
+
+    env = {
+        "deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        "platform": platform.platform(), "device": str(device), "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "num_processes": num_processes, "mixed_precision": mixed_precision,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    where = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('torch_threads')} threads)"
+    return (f"{where}; {env.get('num_processes')} process(es), precision {env.get('mixed_precision')}; "
+            f"torch {env.get('torch')}, transformers {env.get('transformers')}, deltatune {env.get('deltatune')}")

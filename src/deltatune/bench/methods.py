@@ -1,0 +1,197 @@
+"""What a benchmark row trains: ``full`` fine-tuning, one registered method, or several stacked.
+
+Spec syntax (CLI ``--methods``): ``NAME[:key=value,...][+NAME[:...]]``, e.g. ``lora:r=16,alpha=32``,
+``lora+bitfit``. Keys are the method's config fields, plus ``lr`` (this component's learning rate).
+Values parse as JSON where they can (``8``, ``0.1``, ``true``, ``["query","value"]``); ``[a,b]`` is
+a list of strings; anything else is a string.
+
+Learning rates: ``DEFAULT_LR`` below, per method, tuned for short runs; methods not listed get
+``FALLBACK_LR``. A config field named ``total_steps`` left at None is set to the run's number of
+steps (for methods with training schedules, e.g. rank budgets or pruning phases).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from ..core.delta import key_to_path
+from ..core.layer import ParamCopy
+from ..core.model import DeltaModel
+from ..core.registry import available_methods, config_from_dict, get_method
+from ..errors import ConfigError
+
+FULL = "full"
+FALLBACK_LR = 3e-3
+# Per-method learning rates for the quick suite's short runs (AdamW, 10% warm-up, linear decay).
+# Where a paper gives a range, these sit at its top or above: the budget is tens of steps, not
+# epochs. Methods not listed get FALLBACK_LR; override per run with `--methods NAME:lr=...`.
+DEFAULT_LR: dict[str, float] = {
+    FULL: 2e-4,
+    "lora": 5e-3, "bitfit": 5e-3, "layernorm": 5e-3, "partial": 5e-4,
+    "adapter": 5e-3, "compacter": 5e-3, "fusion": 1e-3,
+    "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2,
+    "ia3": 1e-2, "vera": 2e-2, "loha": 5e-3, "lokr": 5e-3, "adalora": 5e-3,
+    "diff_pruning": 5e-3, "lt_sft": 5e-4, "mask": 5e-3, "sparse_adapter": 5e-3,
+    "mam": 5e-3, "unipelt": 5e-3, "adamix": 5e-3, "lst": 5e-3,
+}
+# Combinations the default suite adds when all their parts are registered (papers' pairings).
+DEFAULT_COMBOS: tuple[str, ...] = ("lora+bitfit", "prompt+adapter")
+SCHEDULE_FIELD = "total_steps"
+
+
+@dataclass(frozen=True)
+class Component:
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, FALLBACK_LR)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    components: tuple[Component, ...]
+
+    @property
+    def full(self) -> bool:
+        return self.components[0].method == FULL
+
+
+def split_top(text: str, sep: str) -> list[str]:
+    """Split on `sep` outside brackets and quotes."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_value(text: str) -> Any:
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    low = text.lower()
+    if low in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(low)
+    if text.startswith("[") and text.endswith("]"):
+        return [parse_value(v) for v in split_top(text[1:-1], ",") if v.strip()]
+    return text
+
+
+def parse_component(text: str) -> Component:
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if name != FULL:
+        get_method(name)  # a clear error for unknown names
+    options: dict[str, Any] = {}
+    for part in split_top(rest, ",") if rest.strip() else []:
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"method option {part!r} in {text!r} must look like key=value.")
+        options[key.strip()] = parse_value(value)
+    lr = options.pop("lr", None)
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
+        raise ConfigError(f"lr={lr!r} in {text!r} must be a positive number.")
+    if name == FULL and options:
+        raise ConfigError(f"`full` takes only lr=..., not {sorted(options)}.")
+    if name != FULL:
+        config_from_dict({"method": name, **options})  # validates option names and values now
+    return Component(name, options, lr)
+
+
+def parse_method(text: str) -> MethodSpec:
+    parts = [parse_component(p) for p in split_top(text, "+")]
+    if any(c.method == FULL for c in parts) and len(parts) > 1:
+        raise ConfigError(f"{text!r}: `full` fine-tuning cannot be combined with other methods.")
+    return MethodSpec(text.replace(" ", ""), tuple(parts))
+
+
+def default_methods() -> list[str]:
+    """Full fine-tuning, every registered method with its defaults, and the default combinations."""
+    names = available_methods()
+    combos = [c for c in DEFAULT_COMBOS if all(p in names for p in c.split("+"))]
+    return [FULL, *names, *combos]
+
+
+# -- building the trainable model -----------------------------------------------------------------
+@dataclass
+class Built:
+    """The module to train, its optimizer groups, and what the reports need."""
+
+    model: nn.Module
+    groups: list[dict[str, Any]]
+    configs: list[dict[str, Any]]
+    trainable: int
+    base_params: int
+    delta: DeltaModel | None = None
+    tokenizer: Any = None
+
+
+def component_config(comp: Component, index: int, steps: int) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"method": comp.method, **comp.options}
+    if index > 0 and "modules_to_save" not in cfg:
+        cfg["modules_to_save"] = []  # the first delta trains the task head
+    fields = {f.name for f in dataclasses.fields(get_method(comp.method).config_cls)}
+    if SCHEDULE_FIELD in fields and cfg.get(SCHEDULE_FIELD) is None:
+        cfg[SCHEDULE_FIELD] = steps
+    return config_from_dict(cfg).to_dict()
+
+
+def build(spec: MethodSpec, model: nn.Module, steps: int, lr: float | None = None,
+          head_lr: float | None = None) -> Built:
+    """Attach the spec's deltas to `model` (or unfreeze it for ``full``). ``lr`` overrides every
+    component's learning rate; ``head_lr`` sets the task head's (default: the method's)."""
+    base_params = sum(p.numel() for p in model.parameters())
+    if spec.full:
+        model.requires_grad_(True)
+        rate = lr or spec.components[0].learning_rate
+        return Built(model, [{"params": list(model.parameters()), "lr": rate}],
+                     [{"method": FULL, "lr": rate}], base_params, base_params)
+    dm = DeltaModel(model)
+    names, groups, configs = [], [], []
+    for i, comp in enumerate(spec.components):
+        name = comp.method if comp.method not in names else f"{comp.method}_{i}"
+        cfg = component_config(comp, i, steps)
+        delta = dm.add(name, cfg)
+        names.append(name)
+        rate = lr or comp.learning_rate
+        configs.append({**cfg, "lr": rate})
+        groups += _groups(delta, model, rate, head_lr)
+    dm.activate(*names)
+    trainable = sum(p.numel() for p in dm.trainable_parameters())
+    return Built(dm, groups, configs, trainable, base_params, dm)
+
+
+def _groups(delta, model: nn.Module, rate: float, head_lr: float | None) -> list[dict[str, Any]]:
+    heads = set(delta.head_names(model))
+    head_ids = {id(p) for k, layer in delta.layers.items()
+                if isinstance(layer, ParamCopy) and key_to_path(k).split(".")[0] in heads
+                for p in layer.parameters()}
+    params = [p for p in delta.parameters() if p.requires_grad]
+    own = [p for p in params if id(p) not in head_ids]
+    head = [p for p in params if id(p) in head_ids]
+    groups = [{"params": own, "lr": rate}] if own else []
+    if head:
+        groups.append({"params": head, "lr": head_lr or rate})
+    return groups

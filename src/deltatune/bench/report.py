@@ -1,0 +1,283 @@
+"""Results: one JSON line per run, a Markdown summary in the papers' layout, and PNG plots.
+
+Layout of an output directory:
+    results.jsonl    one line per run (config, environment, metrics, curves); appended as runs end
+    summary.md       performance (methods x tasks, average, params %), efficiency, convergence
+    curves.png       dev metric vs step, one panel per task, one line per method
+    tradeoff.png     average metric vs trainable-parameter fraction
+    efficiency.png   step time and peak memory per method
+Metrics are stored on their 0-1 scale and shown x100, mean (± std over seeds when several).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .metrics import SHORT
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.md"
+
+
+# -- JSON lines -----------------------------------------------------------------------------------
+def append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a", encoding="utf-8") as f:
+        # a line cut short by an interruption stays alone on its line (and is skipped by read)
+        f.write(("\n" if torn else "") + json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """Every complete line; a line cut short by an interruption is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "key" in rec:
+            out.append(rec)
+    return out
+
+
+def latest(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last record of each cell key."""
+    return {r["key"]: r for r in records}
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def grouped(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Successful runs by (method label, task)."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("status") == "ok":
+            out[(r["method"], r["task"])].append(r)
+    return out
+
+
+def _pct(v: float | None, std: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _params_pct(p: float) -> str:
+    return "100" if p >= 99.995 else (f"{p:.3g}" if p >= 0.001 else f"{p:.2g}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _avg(rs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r["efficiency"][key] for r in rs if r["efficiency"].get(key) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+# -- the Markdown summary -------------------------------------------------------------------------
+def performance_table(methods: list[str], tasks: list[tuple[str, str]], groups, failed) -> list[str]:
+    head = ["Method", "Params (%)"] + [f"{t} ({SHORT[m]})" for t, m in tasks] + ["Avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        cells, means, params = [], [], None
+        for task, _ in tasks:
+            rs = groups.get((method, task), [])
+            mean, std = _mean_std([r["metric"] for r in rs])
+            cells.append("failed" if not rs and (method, task) in failed else _pct(mean, std))
+            if rs:
+                means.append(mean)
+                params = params if params is not None else rs[0]["efficiency"]["trainable_percent"]
+        avg = statistics.fmean(means) if len(means) == len(tasks) else None
+        row = [f"`{method}`", _params_pct(params) if params is not None else "–", *cells, _pct(avg)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def efficiency_table(methods: list[str], groups) -> list[str]:
+    head = ["Method", "Trainable params", "Step time (ms)", "Throughput (ex/s)", "Peak memory (MB)",
+            "Memory over start (MB)", "Delta on disk"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        rs = [r for (m, _), v in groups.items() if m == method for r in v]
+        if not rs:
+            continue
+        eff = rs[0]["efficiency"]
+        step, thr, peak = _avg(rs, "step_time_median"), _avg(rs, "throughput"), _avg(rs, "peak_mem_mb")
+        over = statistics.fmean([r["efficiency"]["peak_mem_mb"] - r["efficiency"]["mem_start_mb"] for r in rs])
+        lines.append(f"| `{method}` | {eff['trainable']:,} | {1000 * step:.0f} | {thr:.1f} | {peak:.0f} | "
+                     f"{over:.0f} | {_size(eff['delta_bytes'])} |")
+    return lines
+
+
+def convergence_table(methods: list[str], tasks: list[tuple[str, str]], groups) -> list[str]:
+    head = ["Method"] + [f"{t}: best / step / s to 90%" for t, _ in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        cells = []
+        for task, _ in tasks:
+            rs = groups.get((method, task), [])
+            if not rs:
+                cells.append("–")
+                continue
+            best = statistics.fmean(r["convergence"]["best"] for r in rs)
+            steps = [r["convergence"]["steps_to_90"] for r in rs if r["convergence"]["steps_to_90"] is not None]
+            secs = [r["convergence"]["seconds_to_90"] for r in rs if r["convergence"]["seconds_to_90"] is not None]
+            reach = f"{statistics.fmean(steps):.0f} / {statistics.fmean(secs):.1f}" if steps else "never"
+            cells.append(f"{_pct(best)} / {reach}")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[str, str]],
+                     title: str = "deltatune bench") -> str:
+    groups = grouped(records)
+    failed = {(r["method"], r["task"]): r.get("error", "") for r in records if r.get("status") != "ok"}
+    ok = [r for r in records if r.get("status") == "ok"]
+    lines = [f"# {title}", ""]
+    if ok:
+        r0 = ok[0]
+        b = r0["budget"]
+        seeds = sorted({r["seed"] for r in ok})
+        lines += [
+            f"Model `{r0['model']}`; seeds {seeds}; per run {b['steps']} steps x batch {b['batch_size']} "
+            f"(train subsampled to {b['steps'] * b['batch_size']} examples), max length {b['max_length']}, "
+            f"dev subset {b['dev_size'] or 'all'} (scored every {b['eval_every']} steps).",
+            f"Machine: {_machine(r0)}.", "",
+        ]
+    lines += ["## Performance (dev, x100)", ""] + performance_table(methods, tasks, groups, failed)
+    lines += ["", "## Efficiency (mean over tasks and seeds)", ""] + efficiency_table(methods, groups)
+    lines += ["", "Peak memory: " + _mem_note(ok), ""]
+    lines += ["## Convergence (dev metric: best, then steps / training seconds to 90% of the gain "
+              "from step 0 to the best)", ""] + convergence_table(methods, tasks, groups)
+    if failed:
+        lines += ["", "## Runs that failed", ""]
+        lines += [f"- `{m}` on {t}: {err}" for (m, t), err in failed.items() if (m, t) not in groups]
+    return "\n".join(lines) + "\n"
+
+
+def _machine(r: dict[str, Any]) -> str:
+    from .measure import machine_line
+
+    return machine_line(r.get("environment", {}))
+
+
+def _mem_note(ok: list[dict[str, Any]]) -> str:
+    kinds = {r["efficiency"]["mem_kind"] for r in ok}
+    if kinds == {"cuda_allocated"}:
+        return "the CUDA allocator's peak during training; over start: the peak minus the allocation before the first step."
+    return ("the process's peak resident set size (RSS) during training, all runs in one process; over start: "
+            "that peak minus the RSS before the first step (activations, gradients, optimizer state).")
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def plots(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[str, str]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    groups = grouped(records)
+    if not groups:
+        return []
+    files = [_curves(groups, methods, tasks, out / "curves.png"),
+             _tradeoff(groups, methods, tasks, out / "tradeoff.png"),
+             _efficiency(groups, methods, out / "efficiency.png")]
+    return [f for f in files if f is not None]
+
+
+def _curves(groups, methods, tasks, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], tasks):
+        for method in methods:
+            rs = groups.get((method, task))
+            if not rs:
+                continue
+            steps = [c["step"] for c in rs[0]["curve"]]
+            ys = [100 * statistics.fmean(r["curve"][i]["metric"] for r in rs) for i in range(len(steps))]
+            ax.plot(steps, ys, marker="o", ms=3, label=method)
+        ax.set(title=task, xlabel="training step", ylabel=f"dev {SHORT[metric]} (x100)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)
+
+
+def _tradeoff(groups, methods, tasks, path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = 0
+    for method in methods:
+        rs = [groups.get((method, t)) for t, _ in tasks]
+        if not all(rs):
+            continue
+        avg = 100 * statistics.fmean(statistics.fmean(r["metric"] for r in g) for g in rs)
+        pct = max(rs[0][0]["efficiency"]["trainable_percent"], 1e-4)
+        ax.scatter([pct], [avg])
+        ax.annotate(method, (pct, avg), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        points += 1
+    ax.set(xscale="log", xlabel="trainable parameters (% of the base, log scale)",
+           ylabel="average dev metric (x100)", title="performance vs trainable parameters")
+    ax.grid(alpha=0.3)
+    return _save(fig, path) if points else _discard(fig)
+
+
+def _efficiency(groups, methods, path: Path) -> Path:
+    """Step time, and memory: on CPU the growth of RSS during training (the process's baseline of
+    libraries and loaded models is the same for every method), on CUDA the allocator's peak."""
+    import matplotlib.pyplot as plt
+
+    rows = [(m, [r for (mm, _), v in groups.items() if mm == m for r in v]) for m in methods]
+    rows = [(m, rs) for m, rs in rows if rs]
+    names = [m for m, _ in rows]
+    step = [1000 * _avg(rs, "step_time_median") for _, rs in rows]
+    cuda = all(r["efficiency"]["mem_kind"] == "cuda_allocated" for _, rs in rows for r in rs)
+    mem = [_avg(rs, "peak_mem_mb") if cuda else
+           statistics.fmean(r["efficiency"]["peak_mem_mb"] - r["efficiency"]["mem_start_mb"] for r in rs)
+           for _, rs in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.6))
+    axes[0].barh(names, step)
+    axes[0].set(xlabel="median step time (ms)", title="step time")
+    axes[1].barh(names, mem)
+    axes[1].set(xlabel="peak allocated (MB)" if cuda else "peak RSS minus RSS before training (MB)",
+                title="peak memory (CUDA)" if cuda else "training memory (CPU)")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _discard(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -1,0 +1,37 @@
+"""`deltatune train`: one method on one task; saves the delta (or the model, for `full`)."""
+from __future__ import annotations
+
+import json
+
+from ..bench.loop import Budget
+from ._common import add_budget_args, add_model_args, suite_kwargs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one method on one task and save the delta")
+    p.add_argument("--task", required=True, help="a task name (SST-2, RTE, ...) or a file dataset spec")
+    p.add_argument("--method", required=True, help="e.g. lora:r=16,alpha=32 or lora+bitfit or full")
+    p.add_argument("--out", required=True, help="directory to save the delta and train_result.json into")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the run's record as JSON")
+    add_model_args(p)
+    add_budget_args(p, Budget(steps=300, eval_every=50, dev_size=0))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench.single import train_one
+    from ..bench.suite import SuiteConfig
+
+    cfg = SuiteConfig(**suite_kwargs(args))
+    rec = train_one(cfg, args.task, args.method, args.seed, args.out)
+    if args.json:
+        print(json.dumps(rec, indent=2, sort_keys=True))
+        return 0
+    eff = rec["efficiency"]
+    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in rec["metrics"].items())
+    print(f"{rec['method']} on {rec['task']}: {scores} (dev, x100); best {100 * rec['convergence']['best']:.2f} "
+          f"at step {rec['convergence']['best_step']}")
+    print(f"{eff['trainable']:,} trainable parameters ({eff['trainable_percent']:.3g}%), "
+          f"{1000 * eff['step_time_median']:.0f} ms/step; saved ({rec['saved']}) to {args.out}")
+    return 0

@@ -1,0 +1,179 @@
+"""Prefix tuning (Li & Liang 2021): trainable key/value prefixes at every attention layer.
+
+Mechanism: the prefixes go in as an already-filled KV cache (a transformers ``DynamicCache``
+holding n positions per layer, as peft does), so every layer attends to them with the model's own
+attention code (BERT, RoBERTa, GPT-2, Llama/Mistral/Qwen with grouped KV heads, ...). The hook
+on the model extends the attention mask by n ones (making one when none is given) and passes the
+real tokens' position ids (0.. unless given): the prefix occupies no positions. A call that finds
+a non-empty cache continues a generation whose prefix is already in it (only the mask changes).
+Encoder-decoders (T5) are refused: use ``prompt`` or ``ptuning`` there.
+
+Training goes through the reparameterization P = MLP(P') (``projection=True``, the paper's:
+Linear-tanh-Linear from n embeddings to every layer's keys and values); ``delta.fold()`` drops the
+MLP for inference and a save stores only the prefixes (``save_reparam=True`` keeps the MLP, to
+resume). ``projection=False`` trains the prefixes directly, initialised from the keys and values
+the model computes for n sampled vocabulary tokens (the paper's "real words" initialisation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.config import DeltaConfig
+from ..core.registry import register
+from ..errors import ConfigError, TargetError
+from . import _soft as soft
+
+
+@dataclass
+class PrefixConfig(DeltaConfig):
+    """projection: train through the MLP (hidden width ``projection_hidden``), else directly.
+    save_reparam: also save the MLP (to resume training); by default only the prefixes."""
+
+    num_virtual_tokens: int = 20
+    projection: bool = True
+    projection_hidden: int = 512
+    save_reparam: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        soft.check_soft_config(self)
+        self.check_choice("projection", (True, False))
+        self.check_choice("save_reparam", (True, False))
+        self.check_range("projection_hidden", 1, integer=True)
+
+
+def new_cache(model: nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers < 4.56 builds it without a config
+        return DynamicCache()
+
+
+@torch.no_grad()
+def probe(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The keys and values the model computes for `ids`: (layers, 2, kv_heads, len(ids), head_dim)."""
+    cache, was = new_cache(model), model.training
+    model.eval()
+    try:
+        model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+              **{soft.cache_key(model): cache}, use_cache=True)
+    finally:
+        model.train(was)
+    layers = [(layer.keys, layer.values) for layer in getattr(cache, "layers", [])
+              if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    if not layers:
+        raise TargetError(f"{type(model).__name__} does not fill a KV cache in its forward pass: "
+                          f"prefix tuning needs one (use 'prompt' for this model).")
+    m = ids.shape[0]
+    return torch.stack([torch.stack([k[0, :, -m:], v[0, :, -m:]]) for k, v in layers])
+
+
+class PrefixLayer(soft.Foldable):
+    folded_name = "prefix"
+
+    def __init__(self, model: nn.Module, cfg: PrefixConfig):
+        super().__init__()
+        n = self.n = cfg.num_virtual_tokens
+        table = soft.input_embedding(model)[1].weight
+        self._model = (model,)
+        if cfg.projection:  # one probe token tells the per-layer key/value shapes
+            layers, _, heads, _, head_dim = probe(model, torch.zeros(1, dtype=torch.long, device=table.device)).shape
+            self.shape = (layers, 2, heads, n, head_dim)
+            self.prefix_input = nn.Parameter(torch.randn(n, table.shape[1], dtype=table.dtype, device=table.device))
+            self.prefix_mlp = nn.Sequential(
+                nn.Linear(table.shape[1], cfg.projection_hidden), nn.Tanh(),
+                nn.Linear(cfg.projection_hidden, layers * 2 * heads * head_dim),
+            ).to(table.device, table.dtype)
+        else:
+            ids = torch.randint(0, table.shape[0], (n,), device=table.device)
+            self.prefix = nn.Parameter(probe(model, ids).clone())
+            self.shape = tuple(self.prefix.shape)
+        self._filled: tuple[Any, int, bool] | None = None
+
+    def compute(self) -> torch.Tensor:
+        layers, _, heads, n, head_dim = self.shape
+        out = self.prefix_mlp(self.prefix_input).view(n, layers, 2, heads, head_dim)
+        return out.permute(1, 2, 3, 0, 4)
+
+    def drop_reparam(self) -> None:
+        del self.prefix_mlp, self.prefix_input
+
+    # -- the call ---------------------------------------------------------------------------------
+    def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._filled = None
+        kw = soft.bind(module, args, kwargs)
+        x = kw.get("input_ids")
+        x = kw.get("inputs_embeds") if x is None else x
+        if x is None:
+            return args, kwargs
+        if module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
+            raise ConfigError(_CHECKPOINTING)
+        batch, length = x.shape[:2]
+        cache = soft.get_cache(kw)
+        past = soft.past_length(cache)
+        if past == 0:
+            created = cache is None
+            cache = self._fill(new_cache(module) if created else cache, batch, x)
+            for k in soft.CACHE_KEYS:
+                kw.pop(k, None)
+            kw[soft.cache_key(module)] = cache
+            self._filled = (cache, soft.past_length(cache), created)
+            real_past = 0
+        else:
+            real_past = past - self.n
+        kv = soft.past_length(cache) + length
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, real_past + length, dtype=torch.long, device=x.device)
+        if mask.dim() == 2 and mask.shape[1] < kv:
+            mask = soft.ones_mask(mask, 0, kv - mask.shape[1])
+        kw["attention_mask"] = mask
+        if kw.get("position_ids") is None and soft.accepts(module, "position_ids"):
+            kw["position_ids"] = torch.arange(real_past, real_past + length, device=x.device).unsqueeze(0)
+        return (), kw
+
+    def _fill(self, cache: Any, batch: int, x: torch.Tensor) -> Any:
+        dtype = x.dtype if x.is_floating_point() else soft.input_embedding(self._model[0])[1].weight.dtype
+        prefix = self.value().to(dtype)
+        for i in range(prefix.shape[0]):
+            cache.update(soft.expand_batch(prefix[i, 0], batch), soft.expand_batch(prefix[i, 1], batch), i)
+        return cache
+
+    def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        filled, self._filled = self._filled, None
+        if filled is not None and soft.past_length(filled[0]) == filled[1]:
+            raise ConfigError(f"{type(module).__name__} ran without reading the prefix from its KV cache. "
+                              + _CHECKPOINTING)
+        if filled is not None and filled[2] and not _use_cache(module, kwargs) and isinstance(out, dict):
+            for k in [k for k in out.keys() if k in soft.CACHE_KEYS]:
+                out[k] = None  # the caller asked for no cache: do not hand ours back
+        return out
+
+
+_CHECKPOINTING = ("prefix tuning feeds its prefixes through the KV cache, which transformers drops under "
+                  "gradient checkpointing: call model.gradient_checkpointing_disable(), or use 'prompt' / "
+                  "'ptuning'.")
+
+
+def _use_cache(module: nn.Module, kwargs: dict) -> bool:
+    flag = kwargs.get("use_cache")
+    return bool(getattr(getattr(module, "config", None), "use_cache", False) if flag is None else flag)
+
+
+class PrefixDelta(soft.FoldableDelta):
+    def build(self, model: nn.Module) -> None:
+        if soft.is_encoder_decoder(model):
+            raise TargetError(
+                f"prefix tuning supports encoder-only and decoder-only models, not the encoder-decoder "
+                f"{type(model).__name__}: use 'prompt' or 'ptuning' for it."
+            )
+        self.add_layer("", PrefixLayer(model, self.config))
+
+
+register("prefix", PrefixConfig, PrefixDelta, family="additive", paper="Li & Liang 2021 (prefix tuning)")

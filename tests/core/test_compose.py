@@ -208,7 +208,8 @@ def lora_pair(arch="bert"):
     model = tiny_model(arch)
     x = tiny_inputs(model)
     dm = dt.wrap(model, dt.LoRAConfig(r=2, modules_to_save=[]), name="a")
-    dm.add("b", dt.LoRAConfig(r=3, targets=["query", "key"], rslora=True, modules_to_save=[]))
+    dm.add("b", dt.LoRAConfig(r=3, targets=["query", "key"], rslora=True, modules_to_save=[],
+                              rank_pattern={r"layer\.1\..*key": 1}))
     perturb(dm.get_delta("a"), seed=1)
     perturb(dm.get_delta("b"), seed=2)
     return dm, x
@@ -226,13 +227,20 @@ def dense_sum(dm, names, weights):
     return total
 
 
-def test_weighted_linear_is_exact_and_svd_is_the_truncated_svd():
+def test_weighted_linear_is_exact_and_svd_is_the_truncated_svd(tmp_path):
     dm, x = lora_pair()
     want = dense_sum(dm, ["a", "b"], [0.5, 2.0])
     lin = dm.add_weighted("lin", ["a", "b"], [0.5, 2.0])
     assert lin.config.r == 5 and dm.active == ("a",)  # added inactive
+    ranks = {p: layer.lora_A.shape[0] for p, layer in zip(lin.paths(), lin.layers.values())}
+    assert ranks["bert.encoder.layer.0.attention.self.query"] == 5  # 2 + 3: every factor kept
+    assert ranks["bert.encoder.layer.0.attention.self.value"] == 2
+    assert ranks["bert.encoder.layer.1.attention.self.key"] == 1
     for p, u in updates(lin).items():
         assert torch.allclose(u, want[p], atol=1e-6), p
+    y = outputs(dm, x, "lin")
+    dm.save(tmp_path / "lin", name="lin")
+    assert torch.equal(logits_of(dt.load(tiny_model("bert"), tmp_path / "lin"), x), y)
     full = dm.add_weighted("svd5", ["a", "b"], [0.5, 2.0], how="svd", rank=5)
     assert all(torch.allclose(u, want[p], atol=1e-5) for p, u in updates(full).items())
     low = dm.add_weighted("svd1", ["a", "b"], [0.5, 2.0], how="svd", rank=1)

@@ -128,8 +128,9 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def default_methods() -> list[str]:
-    """Full fine-tuning, every registered method with its defaults, and the default combinations."""
-    names = available_methods()
+    """Full fine-tuning, every registered method with its defaults, and the default combinations.
+    Methods that only combine other deltas (``fusion``: needs trained adapters) are left out."""
+    names = [n for n in available_methods() if not get_method(n).delta_cls.combiner]
     combos = [c for c in DEFAULT_COMBOS if all(p in names for p in c.split("+"))]
     return [FULL, *names, *combos]
 

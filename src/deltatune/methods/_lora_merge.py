@@ -2,7 +2,7 @@
 
 With dW_i = s_i B_i A_i the update of delta i on a module (zero where it has none):
 - ``linear``: dW = sum_i w_i dW_i exactly, by concatenating factors: A = [A_1; A_2; ...],
-  B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (rank sum_i r_i).
+  B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (per module, the sum of the ranks there: ``rank_pattern``).
 - ``svd``: the same dW, re-factorized to ``rank`` (default: the largest source rank) by a truncated
   SVD; exact when ``rank`` >= the rank of dW.
 - ``ties`` (Yadav et al. 2023): each dW_i keeps its top ``density`` fraction of entries by
@@ -15,6 +15,7 @@ per-row magnitude that does not combine linearly, so they are refused.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,22 +48,28 @@ def weighted(cls: type[LoRADelta], name: str, deltas: list[LoRADelta], weights: 
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     paths = sorted({key_to_path(k) for d in deltas for k, lay in d.layers.items()
                     if isinstance(lay, LoRALayer)}, key=order.__getitem__)
-    ranks = [d.config.r for d in deltas]
-    r_new = sum(ranks) if how == "linear" else (rank or max(ranks))
+    parts = {p: [d.layers[path_to_key(p)] if path_to_key(p) in d.layers else None for d in deltas]
+             for p in paths}
+    if how == "linear":  # every source factor kept: per module, the sum of the ranks found there
+        ranks = {p: sum(x.lora_A.shape[0] for x in ps if x is not None) for p, ps in parts.items()}
+    else:
+        r_max = max(x.lora_A.shape[0] for ps in parts.values() for x in ps if x is not None)
+        ranks = {p: rank or r_max for p in paths}
+    r_new = max(ranks.values())
+    pattern = {re.escape(p): r for p, r in ranks.items() if r != r_new} or None
     heads = sorted({h for d in deltas for h in d.head_names(model)})
     dropouts = {d.config.dropout for d in deltas}
-    cfg = LoRAConfig(r=r_new, alpha=float(r_new), targets=paths, modules_to_save=heads,
+    cfg = LoRAConfig(r=r_new, alpha=float(r_new), targets=paths, modules_to_save=heads, rank_pattern=pattern,
                      dropout=dropouts.pop() if len(dropouts) == 1 else 0.0)
     new = cls(name, cfg, model)
     gen = torch.Generator().manual_seed(seed)  # dare's random masks, drawn in module order
     with torch.no_grad():
         for path in paths:
             layer: LoRALayer = new.layers[path_to_key(path)]
-            parts = [d.layers[path_to_key(path)] if path_to_key(path) in d.layers else None for d in deltas]
             if how == "linear":
-                _concat(layer, parts, weights, ranks)
+                _concat(layer, parts[path], weights)
             else:
-                dense = [p.update().double() if p is not None else None for p in parts]
+                dense = [p.update().double() if p is not None else None for p in parts[path]]
                 _factorize(layer, _combine(dense, weights, how, density, gen))
         _combine_heads(new, deltas, weights, model)
     return new
@@ -80,13 +87,10 @@ def _check_options(how: str, rank: int | None, density: float) -> None:
         raise ConfigError(f"density={density!r} is invalid: expected a fraction in (0, 1].")
 
 
-def _concat(layer: LoRALayer, parts: list[Any], weights: list[float], ranks: list[int]) -> None:
+def _concat(layer: LoRALayer, parts: list[Any], weights: list[float]) -> None:
     a_blocks, b_blocks = [], []
-    for part, w, r in zip(parts, weights, ranks):
-        if part is None:
-            a_blocks.append(layer.lora_A.new_zeros(r, layer.lora_A.shape[1]))
-            b_blocks.append(layer.lora_B.new_zeros(layer.lora_B.shape[0], r))
-        else:
+    for part, w in zip(parts, weights):
+        if part is not None:
             a_blocks.append(part.lora_A)
             b_blocks.append(part.lora_B * (w * part.scaling))
     layer.lora_A.copy_(torch.cat(a_blocks, dim=0))

@@ -1,5 +1,5 @@
 """Other libraries' checkpoint formats. Importing this package registers their loaders (used by
 ``deltatune.load`` on directories without a deltatune config) and savers (``save(format=...)``)."""
-from . import peft_format, peft_methods  # noqa: F401
+from . import peft_adapters, peft_format, peft_methods, peft_prompts  # noqa: F401
 
-__all__ = ["peft_format", "peft_methods"]
+__all__ = ["peft_adapters", "peft_format", "peft_methods", "peft_prompts"]

@@ -78,6 +78,12 @@ class PeftMapping:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # defaults other than None/False/empty
     prefix: str = "base_model.model."       # before a module path in the method's tensor keys
     head_prefix: str = "base_model.model."  # before modules_to_save tensors
+    # load: (delta, its tensors by our keys, model, peft config) -> the tensors to load, after
+    # setting up what they need (kept ranks, folded form, shared buffers)
+    prepare: Callable[[Delta, dict[str, torch.Tensor], nn.Module, dict[str, Any]],
+                      dict[str, torch.Tensor]] | None = None
+    # save: (delta, model) -> tensors by whole peft key that the delta does not save itself
+    extra_tensors: Callable[[Delta, nn.Module], dict[str, torch.Tensor]] | None = None
 
 
 MAPPINGS: dict[str, PeftMapping] = {}
@@ -295,16 +301,26 @@ def peft_item(path: str, name: str, value: torch.Tensor, layer: nn.Module, mappi
 
 
 def peft_tensors(delta: Delta, mapping: PeftMapping, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The delta's saved tensors (its ``delta_state_dict``: compacted / folded forms) by peft key."""
     out: dict[str, torch.Tensor] = {}
-    for key, value in delta.state_dict().items():
-        if key.startswith("layers."):
-            lkey, _, name = key[len("layers."):].partition(".")
-            layer, path = delta.layers[lkey], key_to_path(lkey)
-        else:
-            layer, path, name = delta, "", key
+    for key, value in delta.delta_state_dict().items():
+        layer, path, name = _owner(delta, key)
         pkey, pvalue = peft_item(path, name, value, layer, mapping, model)
         out[pkey] = pvalue.detach().contiguous().cpu()
+    if mapping.extra_tensors is not None:
+        out.update({k: v.detach().contiguous().cpu() for k, v in mapping.extra_tensors(delta, model).items()})
     return out
+
+
+def _owner(delta: Delta, key: str) -> tuple[nn.Module, str, str]:
+    """(layer, module path, tensor name) of a ``delta_state_dict`` key: the longest layer path
+    it starts with, else the root layer's (or the delta's own) tensor."""
+    paths = sorted(((key_to_path(k), lay) for k, lay in delta.layers.items()), key=lambda x: -len(x[0]))
+    for path, layer in paths:
+        if path and key.startswith(path + "."):
+            return layer, path, key[len(path) + 1:]
+    root = dict(paths).get("")
+    return (root if root is not None else delta), "", key
 
 
 def check_unmerged(dm, mapping: PeftMapping) -> None:
@@ -381,6 +397,8 @@ def load_peft(model: nn.Module, root: Path, name: str | None = None):
     name = name or "default"
     delta = dm.add(name, config)
     try:
+        if mapping.prepare is not None:
+            tensors = mapping.prepare(delta, tensors, dm.model, data)
         delta.load_delta_state_dict(tensors)
     except CheckpointError as e:
         dm.remove(name)

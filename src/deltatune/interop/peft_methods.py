@@ -6,7 +6,10 @@ exclude_modules, layers_to_transform, layers_pattern and modules_to_save), ``to_
 ``targets_to_peft``), list the tensor spellings as ``KeyRule``s, and peft's non-empty defaults of the
 fields left unread. Model-level tensors are ``KeyRule(whole peft key, delta key, full=True)``
 (prompt methods: ``prompt_embeddings``; VeRA: ``base_model.vera_A``); ``load`` / ``save`` convert
-values that differ (see LN tuning); prompt methods set ``head_prefix="base_model."``.
+values that differ (see LN tuning); prompt methods set ``head_prefix="base_model."``. A saved form
+that needs setting up before loading (kept ranks, folding, shared buffers) is a ``prepare`` hook;
+tensors a delta does not save itself are ``extra_tensors``. More mappings: peft_adapters.py (IA3,
+LoHa, LoKr, VeRA, AdaLoRA), peft_prompts.py (prompt tuning, P-tuning, prefix tuning).
 """
 from __future__ import annotations
 

@@ -31,17 +31,21 @@ from . import _soft as soft
 @dataclass
 class PrefixConfig(DeltaConfig):
     """projection: train through the MLP (hidden width ``projection_hidden``), else directly.
-    save_reparam: also save the MLP (to resume training); by default only the prefixes."""
+    save_reparam: also save the MLP (to resume training); by default only the prefixes.
+    shift_positions: the real tokens take positions n.. after the prefix (peft's convention)
+    instead of 0.. (the prefix takes none)."""
 
     num_virtual_tokens: int = 20
     projection: bool = True
     projection_hidden: int = 512
     save_reparam: bool = False
+    shift_positions: bool = False
 
     def validate(self) -> None:
         super().validate()
         soft.check_soft_config(self)
         self.check_choice("projection", (True, False))
+        self.check_choice("shift_positions", (True, False))
         self.check_choice("save_reparam", (True, False))
         self.check_range("projection_hidden", 1, integer=True)
 
@@ -82,6 +86,7 @@ class PrefixLayer(soft.Foldable):
         n = self.n = cfg.num_virtual_tokens
         table = soft.input_embedding(model)[1].weight
         self._model = (model,)
+        self.shift = n if cfg.shift_positions else 0
         if cfg.projection:  # one probe token tells the per-layer key/value shapes
             layers, _, heads, _, head_dim = probe(model, torch.zeros(1, dtype=torch.long, device=table.device)).shape
             self.shape = (layers, 2, heads, n, head_dim)
@@ -134,8 +139,11 @@ class PrefixLayer(soft.Foldable):
         if mask.dim() == 2 and mask.shape[1] < kv:
             mask = soft.ones_mask(mask, 0, kv - mask.shape[1])
         kw["attention_mask"] = mask
-        if kw.get("position_ids") is None and soft.accepts(module, "position_ids"):
-            kw["position_ids"] = torch.arange(real_past, real_past + length, device=x.device).unsqueeze(0)
+        if kw.get("position_ids") is not None and self.shift:
+            kw["position_ids"] = kw["position_ids"] + self.shift
+        elif kw.get("position_ids") is None and soft.accepts(module, "position_ids"):
+            start = real_past + self.shift
+            kw["position_ids"] = torch.arange(start, start + length, device=x.device).unsqueeze(0)
         return (), kw
 
     def _fill(self, cache: Any, batch: int, x: torch.Tensor) -> Any:

@@ -140,6 +140,8 @@ PEFT_CASES = [
     ("bert", dt.LoKrConfig(r=8, decompose_factor=4), "LoKrConfig", dict(r=8, alpha=8, decompose_factor=4)),
     ("bert", dt.AdaLoRAConfig(init_r=4, target_r=2, alpha=5, total_step=10), "AdaLoraConfig",
      dict(init_r=4, target_r=2, lora_alpha=5, total_step=10)),
+    ("gpt2", dt.AdaLoRAConfig(init_r=3, target_r=1, total_step=10), "AdaLoraConfig",
+     dict(init_r=3, target_r=1, lora_alpha=8, total_step=10, fan_in_fan_out=True)),
 ]
 
 
@@ -160,7 +162,7 @@ def test_same_outputs_as_peft(arch_, ours, peft_name, kwargs):
         for key, value in delta.delta_state_dict().items():
             path, _, name = key.rpartition(".")
             if path.endswith(".values"):  # the fresh head, peft's modules_to_save
-                path, name = path[: -len(".values")], name
+                path = path[: -len(".values")]
                 target = theirs[f"base_model.model.{path}.modules_to_save.default.{name}"]
             else:
                 target = theirs[f"base_model.model.{path}.{name}.default"]
@@ -168,9 +170,9 @@ def test_same_outputs_as_peft(arch_, ours, peft_name, kwargs):
             copied += 1
     assert copied == len(delta.delta_state_dict())
     if hasattr(delta, "projections"):  # VeRA: the shared matrices regenerate bit for bit
-        buffers = dict(pm.named_buffers())
-        assert torch.equal(delta.projections.vera_A, next(v for n, v in buffers.items() if n.endswith("vera_A.default")))
-        assert torch.equal(delta.projections.vera_B, next(v for n, v in buffers.items() if n.endswith("vera_B.default")))
+        buffers = {n.rsplit(".", 2)[-2]: v for n, v in pm.named_buffers() if n.endswith(".default")}
+        assert torch.equal(delta.projections.vera_A, buffers["vera_A"])
+        assert torch.equal(delta.projections.vera_B, buffers["vera_B"])
     pm.eval()
     ours_out = logits_of(dm, x)
     assert torch.allclose(ours_out, pm(**x).logits.detach(), atol=1e-6, rtol=0)

@@ -220,3 +220,13 @@ def test_lora_on_a_quantized_embedding():
         dm.merge()
     dt.merge_quantized(dm, requantize=False)
     assert torch.allclose(logits_of(dm, x), base, atol=1e-5)
+
+
+def test_partial_tuning_of_a_quantized_weight_is_refused():
+    model = tiny_model("bert")
+    dt.quantize(model)
+    with pytest.raises(dt.TargetError, match="quantized"):
+        dt.wrap(model, dt.PartialConfig(last_k=1))
+    dm = dt.wrap(model, dt.BitFitConfig())     # biases stay dense: fine
+    dm.merge()
+    assert dm.merged == ("default",)

@@ -18,6 +18,8 @@ from ..core.delta import Delta
 from ..core.layer import ParamDiff
 from ..core.registry import register
 from ..core.targets import name_matches, select
+from ..errors import TargetError
+from ..quant import is_quantized
 
 
 @dataclass
@@ -60,12 +62,15 @@ class PartialDelta(Delta):
         heads = self.head_names(model)
         modules = self.module_pattern(model)
         by_module: dict[str, list[str]] = defaultdict(list)
-        for full, _ in found:
+        for full, param in found:
             path, _, pname = full.rpartition(".")
             if modules is not None and not name_matches(path, modules):
                 continue
             if path.split(".", 1)[0] in heads:
                 continue
+            if is_quantized(param):
+                raise TargetError(f"{full} is quantized (4-bit): partial tuning cannot train it. Narrow "
+                                  f"`params`/`layers` to dense tensors, or deltatune.dequantize(model) first.")
             by_module[path].append(pname)
         for path, names in by_module.items():
             self.add_layer(path, ParamDiff(model.get_submodule(path), names))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -72,7 +73,10 @@ def accelerator(device: str = "auto", mixed_precision: str = "no"):
         raise ConfigError("--device cuda, but torch sees no CUDA device: install a CUDA build of torch or use cpu.")
     key = (device, mixed_precision)
     if key not in _ACCELERATORS:
-        _ACCELERATORS[key] = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+        # several CPU processes (torchrun without CUDA): accelerate joins them (gloo) only with cpu=True
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        _ACCELERATORS[key] = Accelerator(cpu=device == "cpu" or (device == "auto" and multi_cpu),
+                                         mixed_precision=mixed_precision)
     return _ACCELERATORS[key]
 
 

@@ -117,6 +117,8 @@ class DeltaConfig:
 def _range_text(low, high, low_open: bool, high_open: bool, integer: bool) -> str:
     """'an integer >= 1', 'a number > 0', 'a number in [0.0, 1.0)' ..."""
     kind = "an integer" if integer else "a number"
+    if low is None and high is None:
+        return kind
     if high is None:
         if integer and low_open:
             return f"{kind} >= {int(low) + 1}"

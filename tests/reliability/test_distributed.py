@@ -53,3 +53,26 @@ def test_only_trainable_gradients_are_all_reduced(two_procs):
     assert full["efficiency"]["comm_bytes_per_step"] == 4 * full["efficiency"]["trainable"]
     assert full["efficiency"]["trainable"] == full["efficiency"]["base_params"]
     assert lora["efficiency"]["comm_bytes_per_step"] < full["efficiency"]["comm_bytes_per_step"] / 20
+
+
+def test_fsdp2_trains_a_delta_like_one_process(two_procs):
+    """fully_shard around a DeltaModel (CPU, gloo): the same delta as plain training."""
+    import deltatune as dt
+    from deltatune.models import tiny_inputs, tiny_model
+    from safetensors.torch import load_file
+
+    model = tiny_model("bert", task="cls")
+    torch.manual_seed(0)
+    dm = dt.wrap(model, dt.LoRAConfig(r=4))
+    opt = torch.optim.SGD([p for p in dm.parameters() if p.requires_grad], lr=0.5)
+    dm.eval()  # as in the worker: no dropout
+    x = tiny_inputs(model, batch=4)
+    for _ in range(3):
+        dm(**x, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    want = {n: p.detach() for n, p in dm.named_parameters() if p.requires_grad}
+    got = load_file(two_procs / "fsdp.safetensors")
+    assert got.keys() == want.keys() and len(got) == 10
+    assert all(want[n].abs().max() > 1e-4 for n in want if "lora_B" in n)  # it trained (B starts at 0)
+    assert max((got[n] - want[n]).abs().max().item() for n in got) < 1e-5

@@ -218,8 +218,10 @@ def grad_norm(params: list[torch.Tensor], clip: float, acc) -> torch.Tensor:
 
 
 def check_finite(loss: torch.Tensor, norm: torch.Tensor, step: int, acc, ckpt, opt) -> None:
-    """Stop (on every process alike) when the loss or the gradient norm is not finite."""
-    bad = torch.tensor([not math.isfinite(float(loss.detach())) or not math.isfinite(float(norm))],
+    """Stop (on every process alike) when the loss or the gradient norm is not finite. Under fp16
+    an overflowing gradient is the loss scaler's business (it skips the step): only the loss counts."""
+    grads_ok = math.isfinite(float(norm)) or acc.mixed_precision == "fp16"
+    bad = torch.tensor([not math.isfinite(float(loss.detach())) or not grads_ok],
                        device=acc.device, dtype=torch.float32)
     if acc.num_processes > 1:
         bad = acc.reduce(bad, reduction="sum")

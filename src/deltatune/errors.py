@@ -25,6 +25,10 @@ class MergeError(DeltaError, RuntimeError):
     """A delta cannot be merged/unmerged in the requested way."""
 
 
+class TrainingError(DeltaError, RuntimeError):
+    """A training run cannot go on (a non-finite loss or gradient)."""
+
+
 class DeltaNotFoundError(DeltaError, KeyError):
     """A delta name that the model does not hold."""
 

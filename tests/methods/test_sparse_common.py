@@ -184,6 +184,7 @@ def test_corrupt_indices_are_refused(tmp_path, method):
     import hashlib
 
     meta["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    del meta["meta_sha256"]  # a deliberate edit (else the config's own checksum refuses it first)
     (tmp_path / "d" / "delta_config.json").write_text(json.dumps(meta))
     with pytest.raises(dt.CheckpointError, match="not sorted"):
         dt.load(tiny_model("bert"), tmp_path / "d")

@@ -8,7 +8,9 @@ to the loss and ``step(i)`` is called after every optimizer step (schedules, pru
 """
 from __future__ import annotations
 
+import io
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import metrics as M
+from .checkpoint import (DELTA_DIR, Checkpointer, TrainingStopped, restore_trainable,
+                         set_rng_state, trainable_state)
 from .data import Collator, Encoded
 from .measure import PeakMemory
 from .tasks import Task
@@ -69,7 +73,10 @@ def accelerator(device: str = "auto", mixed_precision: str = "no"):
         raise ConfigError("--device cuda, but torch sees no CUDA device: install a CUDA build of torch or use cpu.")
     key = (device, mixed_precision)
     if key not in _ACCELERATORS:
-        _ACCELERATORS[key] = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+        # several CPU processes (torchrun without CUDA): accelerate joins them (gloo) only with cpu=True
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        _ACCELERATORS[key] = Accelerator(cpu=device == "cpu" or (device == "auto" and multi_cpu),
+                                         mixed_precision=mixed_precision)
     return _ACCELERATORS[key]
 
 
@@ -123,31 +130,49 @@ def convergence(curve: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: Budget, pad: int,
-              acc, delta=None, progress=None, start: dict[str, float] | None = None) -> dict[str, Any]:
+              acc, delta=None, progress=None, start: dict[str, float] | None = None,
+              ckpt: Checkpointer | None = None) -> dict[str, Any]:
     """Train `model` (its optimizer `groups`), scoring dev along the way; returns the measurements.
 
     ``start``: dev metrics at step 0, when the caller has them (the untrained model's, shared by
-    the runs of one task and seed); else they are measured here."""
+    the runs of one task and seed); else they are measured here. ``ckpt``: checkpoint every
+    ``ckpt.every`` steps and resume from its last checkpoint (same numbers as an unbroken run).
+    A non-finite loss or gradient stops the run before the optimizer step (``TrainingError``)."""
     collate = Collator(pad, task.regression)
     train_dl = DataLoader(train, batch_size=budget.batch_size, shuffle=False, collate_fn=collate)
     dev_dl = DataLoader(dev, batch_size=budget.eval_batch_size, shuffle=False, collate_fn=collate)
     opt = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
+    # the schedule is per optimizer step: not prepared, since accelerate would step it once per process
     sched = linear_schedule(opt, budget.steps, budget.warmup)
-    model, opt, train_dl, dev_dl, sched = acc.prepare(model, opt, train_dl, dev_dl, sched)
+    model, opt, train_dl, dev_dl = acc.prepare(model, opt, train_dl, dev_dl)
     params = [p for g in groups for p in g["params"]]
-    start = start if start is not None else evaluate(model, dev_dl, task, acc)
-    curve = [{"step": 0, "seconds": 0.0, "metric": start[task.metric], "metrics": start}]
-    losses, times = [], []
+    comm = count_communication(model)
+    resumed = ckpt.load() if ckpt is not None else None
+    if resumed is not None:
+        restore_trainable(resumed["trainable"], params, delta)
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        curve, losses, times, first = resumed["curve"], resumed["losses"], resumed["times"], resumed["step"]
+    else:
+        start = start if start is not None else evaluate(model, dev_dl, task, acc)
+        curve = [{"step": 0, "seconds": 0.0, "metric": start[task.metric], "metrics": start}]
+        losses, times, first = [], [], 0
+    if progress is not None and first:
+        progress.update(first)
     model.train()
     with PeakMemory(acc.device) as mem:
         for step, batch in enumerate(train_dl):
+            if step < first:
+                continue  # the data position: these batches were trained on before the checkpoint
+            if resumed is not None and step == first:
+                set_rng_state(resumed["rng"][acc.process_index])
             t0 = time.perf_counter()
             loss = model(**batch).loss
             if delta is not None:
                 loss = loss + delta.regularization()
             acc.backward(loss)
-            if budget.grad_clip > 0:
-                acc.clip_grad_norm_(params, budget.grad_clip)
+            norm = grad_norm(params, budget.grad_clip, acc)
+            check_finite(loss, norm, step + 1, acc, ckpt, opt)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -156,26 +181,101 @@ def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: B
             _sync(acc.device)
             times.append(time.perf_counter() - t0)
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the training loss is {value} at step {step + 1}: lower the learning rate.")
             losses.append(value)
             done = step + 1
             if done % budget.eval_every == 0 or done == budget.steps:
                 m = evaluate(model, dev_dl, task, acc)
                 curve.append({"step": done, "seconds": sum(times), "metric": m[task.metric], "metrics": m})
+            if ckpt is not None and ckpt.due(done, budget.steps):
+                ckpt.save({"step": done, "trainable": trainable_state(params, delta),
+                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "curve": curve, "losses": losses, "times": times}, acc, delta)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{value:.3f}", **{M.SHORT[task.metric]: f"{100 * curve[-1]['metric']:.1f}"})
+            if ckpt is not None and ckpt.stop_after == done:
+                raise TrainingStopped(f"stopped after step {done} (stop_after)")
     seconds = sum(times)
     examples = budget.steps * budget.batch_size * acc.num_processes
     return {
         "metrics": curve[-1]["metrics"], "metric": curve[-1]["metric"], "curve": curve, "loss": losses,
         "convergence": convergence(curve),
-        "train_seconds": seconds, "step_time_median": statistics.median(times),
-        "step_time_mean": seconds / len(times), "throughput": examples / seconds if seconds else None,
+        "train_seconds": seconds, "step_time_median": statistics.median(times) if times else None,
+        "step_time_mean": seconds / len(times) if times else None,
+        "throughput": examples / seconds if seconds else None,
         "peak_mem_mb": mem.peak_mb, "mem_start_mb": mem.start_mb, "mem_kind": mem.kind,
+        "comm_bytes_per_step": comm.per_step() if comm is not None else 0,
         "model": model,
     }
+
+
+def grad_norm(params: list[torch.Tensor], clip: float, acc) -> torch.Tensor:
+    """The total gradient norm (clipping to `clip` when it is > 0)."""
+    if clip > 0:
+        return acc.clip_grad_norm_(params, clip)
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def check_finite(loss: torch.Tensor, norm: torch.Tensor, step: int, acc, ckpt, opt) -> None:
+    """Stop (on every process alike) when the loss or the gradient norm is not finite. Under fp16
+    an overflowing gradient is the loss scaler's business (it skips the step): only the loss counts."""
+    grads_ok = math.isfinite(float(norm)) or acc.mixed_precision == "fp16"
+    bad = torch.tensor([not math.isfinite(float(loss.detach())) or not grads_ok],
+                       device=acc.device, dtype=torch.float32)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if not float(bad):
+        return
+    opt.zero_grad(set_to_none=True)
+    from ..errors import TrainingError
+
+    last = _last_checkpoint(ckpt)
+    raise TrainingError(
+        f"training stopped at step {step}: the loss is {float(loss.detach())} and the gradient norm "
+        f"{float(norm)}, not finite. The weights were not updated at this step. {last} Lower the "
+        f"learning rate (--lr), keep gradient clipping on, or check the inputs for extreme values.")
+
+
+def _last_checkpoint(ckpt) -> str:
+    if ckpt is None or ckpt.every <= 0:
+        return "No checkpoint was written (checkpointing is off)."
+    if not ckpt.file.exists():
+        return f"No checkpoint was written yet (every {ckpt.every} steps)."
+    step = torch.load(io.BytesIO(ckpt.file.read_bytes()), weights_only=True)["step"]
+    return (f"The last good checkpoint is step {step}, in {ckpt.directory} (its delta: "
+            f"{ckpt.directory}/{DELTA_DIR}, loadable with deltatune.load).")
+
+
+class _CommCounter:
+    """Bytes this process hands to DDP's gradient all-reduce (one bucket at a time)."""
+
+    def __init__(self) -> None:
+        self.bytes, self.calls, self.steps = 0, 0, 0
+
+    def hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        buf = bucket.buffer()
+        self.bytes += buf.numel() * buf.element_size()
+        self.calls += 1
+        if bucket.is_last():
+            self.steps += 1
+        return default_hooks.allreduce_hook(None, bucket)
+
+    def per_step(self) -> float:
+        return self.bytes / max(self.steps, 1)
+
+
+def count_communication(model) -> _CommCounter | None:
+    """Count what DDP all-reduces (only parameters that require gradients: the delta's)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    counter = _CommCounter()
+    model.register_comm_hook(None, counter.hook)
+    return counter
 
 
 def _sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.state import CONFIG_FILE, INDEX_FILE, atomic_write
 from ..errors import CheckpointError
+from .checkpoint import Checkpointer
 from .data import by_length, dev_indices, encode, pad_id
 from .loop import accelerator, score_model
 from .methods import parse_method
@@ -20,10 +21,16 @@ from .suite import Runner, SuiteConfig
 from .tasks import parse_task
 
 RESULT_FILE = "train_result.json"
+CHECKPOINT_DIR = "checkpoint"
 
 
-def train_one(cfg: SuiteConfig, task_spec: str, method: str, seed: int, out: str) -> dict[str, Any]:
-    """Train, score on dev, save into `out`; returns the run's record."""
+def train_one(cfg: SuiteConfig, task_spec: str, method: str, seed: int, out: str,
+              checkpoint_every: int = 0, restart: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train, score on dev, save into `out`; returns the run's record.
+
+    ``checkpoint_every`` N > 0: checkpoint into ``out/checkpoint`` every N steps, and resume from
+    there when it holds this run's checkpoint (``restart``: ignore it). ``stop_after``: stop after
+    that many steps as if killed (``TrainingStopped``), to test resuming."""
     from tqdm import tqdm
 
     from transformers.utils import logging
@@ -32,8 +39,11 @@ def train_one(cfg: SuiteConfig, task_spec: str, method: str, seed: int, out: str
     runner = Runner(cfg)
     task, spec = parse_task(task_spec), parse_method(method)
     key = runner.key(task, spec, seed)
+    ckpt = None
+    if checkpoint_every > 0 or stop_after is not None:
+        ckpt = Checkpointer(Path(out) / CHECKPOINT_DIR, checkpoint_every, key, stop_after, resume=not restart)
     with tqdm(total=cfg.budget.steps, desc=f"{spec.label} {task.name}", disable=runner.quiet()) as bar:
-        record, built = runner.train(task, spec, seed, progress=bar)
+        record, built = runner.train(task, spec, seed, progress=bar, ckpt=ckpt)
     record = {**runner.base_record(task, spec, seed, key), "status": "ok", **record}
     if runner.acc.is_main_process:
         root = Path(out)

@@ -101,7 +101,7 @@ class Runner:
             data = encode(tokenizer, train.subset(idx), length, task.regression)
             if b.group_by_length:
                 lengths = [len(f["input_ids"]) for f in data.features]
-                data = reorder(data, group_by_length(lengths, b.batch_size, seed))
+                data = reorder(data, group_by_length(lengths, b.batch_size * self.acc.num_processes, seed))
             self._data[tkey] = data
         return self._data[tkey], self._data[("dev", task.name)]
 
@@ -119,8 +119,9 @@ class Runner:
         self.acc.free_memory()
         return record
 
-    def train(self, task: Task, spec: MethodSpec, seed: int, progress=None):
-        """(record, Built): one training run; the Built holds the trained model or deltas."""
+    def train(self, task: Task, spec: MethodSpec, seed: int, progress=None, ckpt=None):
+        """(record, Built): one training run; the Built holds the trained model or deltas.
+        ``ckpt``: a ``checkpoint.Checkpointer`` (checkpoint along the way, resume from it)."""
         set_seed(seed)
         model, tok = self.models.get(task.num_labels, seed)
         train, dev = self.data(task, seed, tok, model)
@@ -129,10 +130,11 @@ class Runner:
         built = build(spec, model, self.cfg.budget.steps, self.cfg.lr, self.cfg.head_lr)
         built.tokenizer = tok
         result = train_run(built.model, built.groups, task, train, dev, self.cfg.budget, pad_id(tok),
-                           self.acc, delta=built.delta, progress=progress, start=start)
+                           self.acc, delta=built.delta, progress=progress, start=start, ckpt=ckpt)
         result.pop("model")
         eff = {k: result.pop(k) for k in ("train_seconds", "step_time_median", "step_time_mean",
-                                          "throughput", "peak_mem_mb", "mem_start_mb", "mem_kind")}
+                                          "throughput", "peak_mem_mb", "mem_start_mb", "mem_kind",
+                                          "comm_bytes_per_step")}
         eff.update(trainable=built.trainable, base_params=built.base_params, delta_bytes=delta_bytes(built),
                    trainable_percent=100.0 * built.trainable / max(built.base_params, 1))
         return {**result, "efficiency": eff, "configs": built.configs}, built

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..bench.loop import Budget
 from ._common import add_budget_args, add_model_args, suite_kwargs
@@ -14,17 +15,29 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="directory to save the delta and train_result.json into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the run's record as JSON")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="checkpoint into OUT/checkpoint every N steps (0: never); running the same "
+                        "command again resumes from it (default %(default)s)")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in OUT and train from the start")
+    p.add_argument("--stop-after", type=int, default=None, metavar="K",
+                   help="stop after K steps as if killed (to test resuming)")
     add_model_args(p)
     add_budget_args(p, Budget(steps=300, eval_every=50, dev_size=0))
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..bench.checkpoint import TrainingStopped
     from ..bench.single import train_one
     from ..bench.suite import SuiteConfig
 
     cfg = SuiteConfig(**suite_kwargs(args))
-    rec = train_one(cfg, args.task, args.method, args.seed, args.out)
+    try:
+        rec = train_one(cfg, args.task, args.method, args.seed, args.out, args.checkpoint_every,
+                        args.restart, args.stop_after)
+    except TrainingStopped as e:
+        print(f"deltatune: {e}; run the same command again to resume.", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps(rec, indent=2, sort_keys=True))
         return 0

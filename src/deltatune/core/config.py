@@ -9,6 +9,11 @@ from typing import Any, ClassVar
 from ..errors import ConfigError, did_you_mean
 
 
+# Other libraries' names (peft, AdapterHub) for common fields: suggested when a config uses them.
+KEY_ALIASES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+               "layers_to_transform": "layers", "exclude_modules": "exclude", "lora_r": "r"}
+
+
 @dataclass
 class DeltaConfig:
     """Fields common to all methods.
@@ -70,9 +75,7 @@ class DeltaConfig:
         lo_ok = low is None or (value > low if low_open else value >= low)
         hi_ok = high is None or (value < high if high_open else value <= high)
         if not (lo_ok and hi_ok):
-            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-            self._fail(name, value, f"a value in {lo or '(-inf'}, {hi or 'inf)'}")
+            self._fail(name, value, _range_text(low, high, low_open, high_open, integer))
 
     def check_choice(self, name: str, choices: tuple[Any, ...]) -> None:
         value = getattr(self, name)
@@ -99,14 +102,30 @@ class DeltaConfig:
         unknown = [k for k in data if k not in names]
         if unknown:
             k = unknown[0]
+            alias = KEY_ALIASES.get(k)
+            hint = f" Did you mean: {alias}?" if alias in names else did_you_mean(k, names)
             raise ConfigError(
-                f"unknown key {k!r} for method {cls.method!r}.{did_you_mean(k, names)} "
+                f"unknown key {k!r} for method {cls.method!r}.{hint} "
                 f"Valid keys: {', '.join(names)}."
             )
         return cls(**{k: _from_plain(v) for k, v in data.items()})
 
     def replace(self, **changes: Any) -> DeltaConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _range_text(low, high, low_open: bool, high_open: bool, integer: bool) -> str:
+    """'an integer >= 1', 'a number > 0', 'a number in [0.0, 1.0)' ..."""
+    kind = "an integer" if integer else "a number"
+    if low is None and high is None:
+        return kind
+    if high is None:
+        if integer and low_open:
+            return f"{kind} >= {int(low) + 1}"
+        return f"{kind} {'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{kind} {'<' if high_open else '<='} {high}"
+    return f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 def _plain(value: Any) -> Any:

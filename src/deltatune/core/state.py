@@ -29,6 +29,9 @@ from .arch import model_type
 from .registry import config_from_dict
 
 CONFIG_FILE = "delta_config.json"
+META_CHECKSUM = "meta_sha256"  # sha256 of the config's other entries: an edit or corruption shows
+META_KEYS = {"format", "format_version", "library_version", "name", "config", "extra_state", "weights",
+             "sha256", "base", META_CHECKSUM}
 INDEX_FILE = "deltas.json"
 SAVERS: dict[str, Any] = {}   # format name -> save(dm, path, name) (other formats register here)
 LOADERS: list[Any] = []       # (detect(path) -> bool, load(model, path, name) -> DeltaModel)
@@ -103,6 +106,7 @@ def save_one(dm, name: str, root: Path) -> None:
         "sha256": digest,
         "base": fingerprint(dm.model, delta.paths()),
     }
+    meta[META_CHECKSUM] = meta_digest(meta)
     old = _read_json(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else None
     atomic_write(root / weights, blob)
     atomic_write(root / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -133,7 +137,22 @@ def read_meta(root: Path) -> dict[str, Any]:
     for key in ("config", "weights", "sha256", "name", "base"):
         if key not in meta:
             raise CheckpointError(f"{root / CONFIG_FILE} lacks the {key!r} entry; the file is corrupt.")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:
+        raise CheckpointError(f"{root / CONFIG_FILE} has unknown entries {unknown}: the file is corrupt, or "
+                              f"was written by a newer deltatune (upgrade deltatune to load it).")
+    if META_CHECKSUM in meta and meta[META_CHECKSUM] != meta_digest(meta):
+        raise CheckpointError(
+            f"{root / CONFIG_FILE} does not match its checksum ({META_CHECKSUM}): the file is corrupt or "
+            f"was edited. Restore it from a copy; to keep a deliberate edit, delete the {META_CHECKSUM!r} "
+            f"entry.")
     return meta
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a delta config's entries (all but the checksum itself), in canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_tensors(root: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -211,7 +230,10 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
 def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
     meta = read_meta(root)
     check_fingerprint(dm.model, meta, root)
-    config = config_from_dict(meta["config"])
+    try:
+        config = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{root / CONFIG_FILE}: its method config is invalid: {e}") from e
     tensors = read_tensors(root, meta)
     name = name or meta["name"]
     delta = dm.add(name, config)

@@ -1,6 +1,7 @@
 """Target selection shared by every method: suffixes, regex, layer indices, module types."""
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterator
 
@@ -76,13 +77,25 @@ def select(
 def _no_match_message(targets, layers, names: list[str], what: str, method: str) -> str:
     kind = "module" if what == "modules" else "parameter"
     items = [targets] if isinstance(targets, str) else targets
-    hints: list[str] = []
-    for t in items:
-        hints += close_matches(t if isinstance(t, str) else str(t), names, n=5)
-    hint = f" Closest {kind} names: {', '.join(dict.fromkeys(hints))}." if hints else ""
+    hint = _suggestions([str(t) for t in items], names, kind)
     where = f" in layers {layers}" if layers is not None else ""
     return (
         f"targets {targets!r}{where} match no {kind} of the model"
         f"{f' (method {method!r})' if method else ''}.{hint} Targets are {kind}-name suffixes "
         f"(a list) or one full regex (a string); see model.named_{'modules' if what == 'modules' else 'parameters'}() for the names."
     )
+
+
+def _suggestions(targets: list[str], names: list[str], kind: str) -> str:
+    """Suffixes close to each target (what a target list holds), with one full name of each."""
+    tails: dict[str, str] = {}
+    for n in names:
+        tails.setdefault(n.rsplit(".", 1)[-1], n)
+    hints: list[str] = []
+    for t in targets:
+        for tail in difflib.get_close_matches(t.rsplit(".", 1)[-1], list(tails), n=3, cutoff=0.6):
+            hints.append(f"{tail!r} (e.g. {tails[tail]})")
+        if "." in t:
+            hints += close_matches(t, names, n=2)
+    hints = list(dict.fromkeys(hints))
+    return f" Closest {kind} names: {', '.join(hints)}." if hints else ""

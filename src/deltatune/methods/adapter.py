@@ -64,7 +64,16 @@ class AdapterConfig(SublayerConfig):
         return 4.0 if self.parallel else 1.0
 
     def bottleneck_size(self, dim: int) -> int:
-        return self.bottleneck if self.bottleneck is not None else max(1, int(dim // self.reduction_factor))
+        """``bottleneck``, else ``dim // reduction_factor`` (rounded down, as in AdapterHub)."""
+        if self.bottleneck is not None:
+            return self.bottleneck
+        size = int(dim // self.reduction_factor)
+        if size < 1:
+            raise ConfigError(
+                f"{type(self).__name__}.reduction_factor={self.reduction_factor} leaves no bottleneck for "
+                f"hidden size {dim} ({dim} // {self.reduction_factor} = 0): use reduction_factor <= {dim}, "
+                f"or set bottleneck=m directly.")
+        return size
 
 
 class Bottleneck(nn.Module):

@@ -1,0 +1,167 @@
+"""The error catalogue (docs/errors.md): every entry raises its type with its message and fix.
+
+Each case is (id, error type, a regex the message must match, a callable that raises it); the
+docs page lists the same ids, and `test_every_case_is_documented` keeps the two in step."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.errors import CheckpointError, ConfigError, DeltaNotFoundError, MergeError, TargetError
+from deltatune.models import tiny_model
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved LoRA delta on tiny BERT (bytes of its two files, to corrupt copies of)."""
+    root = tmp_path_factory.mktemp("saved") / "d"
+    dm = dt.wrap(tiny_model("bert"), dt.LoRAConfig(r=2))
+    dm.save(root)
+    meta = json.loads((root / "delta_config.json").read_text())
+    return root, meta
+
+
+def copy_of(saved, tmp_path, meta=None, weights=None, drop_checksum=False):
+    root, orig = saved
+    meta = meta if meta is not None else orig
+    if drop_checksum:
+        meta = dict(meta)
+        meta.pop("meta_sha256")
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "delta_config.json").write_text(json.dumps(meta) if isinstance(meta, dict) else meta)
+    blob = (root / orig["weights"]).read_bytes()
+    (out / orig["weights"]).write_bytes(weights(blob) if weights else blob)
+    return out
+
+
+def load_into_bert(path):
+    return lambda: dt.load(tiny_model("bert"), path)
+
+
+def merge_adapter():
+    dt.wrap(tiny_model("bert"), {"method": "adapter"}).merge()
+
+
+def activate_missing():
+    dt.wrap(tiny_model("bert"), dt.LoRAConfig(r=2)).activate("defualt")
+
+
+def merge_tied():
+    dt.wrap(tiny_model("gpt2"), dt.LoRAConfig(targets=["wte"])).merge()
+
+
+CONFIG_CASES = [
+    ("unknown-method", ConfigError, r"unknown method 'lorra'\. Did you mean: lora.*Registered methods: ",
+     lambda: dt.config_from_dict({"method": "lorra"})),
+    ("no-method-key", ConfigError, r"no 'method' key; add one",
+     lambda: dt.config_from_dict({"r": 8})),
+    ("rank-not-positive", ConfigError, r"LoRAConfig\.r=0 is invalid: expected an integer >= 1\.",
+     lambda: dt.LoRAConfig(r=0)),
+    ("rank-not-integer", ConfigError, r"LoRAConfig\.r=2\.5 is invalid: expected an integer",
+     lambda: dt.LoRAConfig(r=2.5)),
+    ("dropout-out-of-range", ConfigError, r"LoRAConfig\.dropout=1\.0 is invalid: expected a number in \[0\.0, 1\.0\)",
+     lambda: dt.LoRAConfig(dropout=1.0)),
+    ("reduction-factor-not-positive", ConfigError, r"AdapterConfig\.reduction_factor=0 is invalid: expected a number > 0",
+     lambda: dt.config_from_dict({"method": "adapter", "reduction_factor": 0})),
+    ("reduction-factor-too-large", ConfigError,
+     r"reduction_factor=64 leaves no bottleneck for hidden size 32.*use reduction_factor <= 32, or set bottleneck",
+     lambda: dt.wrap(tiny_model("bert"), {"method": "adapter", "reduction_factor": 64})),
+    ("compacter-not-dividing", ConfigError, r"hidden size at .* is 32, not divisible by n=3; pick n dividing it",
+     lambda: dt.wrap(tiny_model("bert"), {"method": "compacter", "n": 3})),
+    ("unknown-config-key", ConfigError, r"unknown key 'rank' for method 'lora'\. Did you mean: r\?.*Valid keys: ",
+     lambda: dt.config_from_dict({"method": "lora", "rank": 8})),
+    ("misspelled-config-key", ConfigError, r"unknown key 'alpah'.*Did you mean: alpha",
+     lambda: dt.config_from_dict({"method": "lora", "alpah": 8})),
+    ("targets-match-nothing", TargetError,
+     r"targets \['qeury'\] match no module of the model \(method 'lora'\)\. Closest module names: 'query' "
+     r"\(e\.g\. bert\.encoder\.layer\.0\.attention\.self\.query\)",
+     lambda: dt.wrap(tiny_model("bert"), dt.LoRAConfig(targets=["qeury"]))),
+    ("unsupported-module-type", TargetError,
+     r"method 'lora' supports Linear, Conv1D, Embedding modules, but targets match bert\.embeddings\.LayerNorm "
+     r"\(LayerNorm\).*Narrow `targets`",
+     lambda: dt.wrap(tiny_model("bert"), dt.LoRAConfig(targets=["LayerNorm"]))),
+    ("merge-not-mergeable", MergeError,
+     r"delta 'default' \(adapter\) cannot be merged: SerialAdapter at .* has no weight to fold into\. Keep it "
+     r"unmerged", merge_adapter),
+    ("merge-tied-weight", MergeError, r"transformer\.wte\.weight is tied to lm_head\.weight.*Keep it unmerged",
+     merge_tied),
+    ("activate-missing-name", DeltaNotFoundError, r"no delta named 'defualt'\. Did you mean: default\? "
+     r"This model holds: default\.", activate_missing),
+]
+
+
+@pytest.mark.parametrize("case, kind, message, call", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_and_model_errors(case, kind, message, call):
+    with pytest.raises(kind, match=message):
+        call()
+
+
+def _flip(blob: bytes) -> bytes:
+    mid = len(blob) // 2
+    return blob[:mid] + bytes([blob[mid] ^ 0xFF]) + blob[mid + 1:]
+
+
+CHECKPOINT_CASES = [
+    # id, regex, how to make the broken copy (saved, tmp_path) -> path, model arch/overrides
+    ("architecture-mismatch", r"trained on a 'bert' model \(BertForSequenceClassification\), but this model is "
+     r"'gpt2'.*load it into the base it was trained on", lambda s, t: s[0], ("gpt2", {})),
+    ("shape-mismatch", r"query\.bias has shape \[32\] in the base it was trained on but \[48\] here: the base model "
+     r"differs", lambda s, t: s[0], ("bert", {"hidden_size": 48})),
+    ("newer-version", r"saved by deltatune .* \(format 99\); this is deltatune .* upgrade deltatune to load it",
+     lambda s, t: copy_of(s, t, {**s[1], "format_version": 99}, drop_checksum=True), None),
+    ("truncated-safetensors", r"does not match the sha256 in delta_config\.json: it is truncated or corrupt",
+     lambda s, t: copy_of(s, t, weights=lambda b: b[: len(b) // 2]), None),
+    ("corrupted-safetensors", r"does not match the sha256 in delta_config\.json: it is truncated or corrupt",
+     lambda s, t: copy_of(s, t, weights=_flip), None),
+    ("invalid-safetensors", r"is not a valid safetensors file",
+     lambda s, t: copy_of(s, t, {**s[1], "sha256": __import__("hashlib").sha256(b"junk").hexdigest()},
+                          weights=lambda b: b"junk", drop_checksum=True), None),
+    ("missing-weights", r"cannot read .*delta-.*safetensors .*the checkpoint is incomplete",
+     lambda s, t: _without_weights(copy_of(s, t), s[1]), None),
+    ("malformed-json", r"delta_config\.json is not a readable JSON file .*the checkpoint is corrupt",
+     lambda s, t: copy_of(s, t, '{"format": "deltatune", '), None),
+    ("edited-json", r"does not match its checksum \(meta_sha256\): the file is corrupt or was edited.*delete the "
+     r"'meta_sha256' entry", lambda s, t: copy_of(s, t, {**s[1], "name": "other"}), None),
+    ("unknown-json-entry", r"has unknown entries \['extra'\]: the file is corrupt, or was written by a newer",
+     lambda s, t: copy_of(s, t, {**s[1], "extra": 1}, drop_checksum=True), None),
+    ("unknown-saved-config-key", r"delta_config\.json: its method config is invalid: unknown key 'rank' for "
+     r"method 'lora'", lambda s, t: copy_of(s, t, {**s[1], "config": {**s[1]["config"], "rank": 4}},
+                                            drop_checksum=True), None),
+    ("not-a-delta", r"holds no delta_config\.json or deltas\.json: not a saved delta",
+     lambda s, t: t, None),
+    ("missing-path", r"does not exist", lambda s, t: t / "nowhere", None),
+]
+
+
+def _without_weights(path, meta):
+    (path / meta["weights"]).unlink()
+    return path
+
+
+@pytest.mark.parametrize("case, message, make, model", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_checkpoint_errors(case, message, make, model, saved, tmp_path):
+    path = make(saved, tmp_path)
+    arch, overrides = model or ("bert", {})
+    if "hidden_size" in overrides:
+        overrides = {**overrides, "num_attention_heads": 4}
+    with pytest.raises(CheckpointError, match=message):
+        dt.load(tiny_model(arch, **overrides), path)
+
+
+def test_a_deliberate_edit_loads_once_the_checksum_is_dropped(saved, tmp_path):
+    meta = {**saved[1], "config": {**saved[1]["config"], "dropout": 0.25}}
+    dm = dt.load(tiny_model("bert"), copy_of(saved, tmp_path, meta, drop_checksum=True))
+    assert dm.get_delta("default").config.dropout == 0.25
+
+
+def test_every_case_is_documented():
+    text = DOCS.read_text(encoding="utf-8")
+    documented = set(re.findall(r"^### `([a-z0-9-]+)`", text, flags=re.M))
+    ids = {c[0] for c in CONFIG_CASES} | {c[0] for c in CHECKPOINT_CASES} | {"non-finite-loss", "foreign-checkpoint"}
+    assert ids == documented, (ids - documented, documented - ids)

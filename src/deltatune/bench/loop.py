@@ -123,11 +123,14 @@ def convergence(curve: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: Budget, pad: int,
-              acc, delta=None, progress=None, start: dict[str, float] | None = None) -> dict[str, Any]:
+              acc, delta=None, progress=None, start: dict[str, float] | None = None,
+              monitor=None) -> dict[str, Any]:
     """Train `model` (its optimizer `groups`), scoring dev along the way; returns the measurements.
 
     ``start``: dev metrics at step 0, when the caller has them (the untrained model's, shared by
-    the runs of one task and seed); else they are measured here."""
+    the runs of one task and seed); else they are measured here. ``monitor(step, point)``: called
+    after every step with the new dev curve point (None between evaluations); it may raise to
+    stop the run (a search's pruning or time limit)."""
     collate = Collator(pad, task.regression)
     train_dl = DataLoader(train, batch_size=budget.batch_size, shuffle=False, collate_fn=collate)
     dev_dl = DataLoader(dev, batch_size=budget.eval_batch_size, shuffle=False, collate_fn=collate)
@@ -163,6 +166,8 @@ def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: B
             if done % budget.eval_every == 0 or done == budget.steps:
                 m = evaluate(model, dev_dl, task, acc)
                 curve.append({"step": done, "seconds": sum(times), "metric": m[task.metric], "metrics": m})
+            if monitor is not None:
+                monitor(done, curve[-1] if curve[-1]["step"] == done else None)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{value:.3f}", **{M.SHORT[task.metric]: f"{100 * curve[-1]['metric']:.1f}"})

@@ -119,8 +119,9 @@ class Runner:
         self.acc.free_memory()
         return record
 
-    def train(self, task: Task, spec: MethodSpec, seed: int, progress=None):
-        """(record, Built): one training run; the Built holds the trained model or deltas."""
+    def train(self, task: Task, spec: MethodSpec, seed: int, progress=None, monitor=None):
+        """(record, Built): one training run; the Built holds the trained model or deltas.
+        ``monitor``: see ``loop.train_run``."""
         set_seed(seed)
         model, tok = self.models.get(task.num_labels, seed)
         train, dev = self.data(task, seed, tok, model)
@@ -129,7 +130,8 @@ class Runner:
         built = build(spec, model, self.cfg.budget.steps, self.cfg.lr, self.cfg.head_lr)
         built.tokenizer = tok
         result = train_run(built.model, built.groups, task, train, dev, self.cfg.budget, pad_id(tok),
-                           self.acc, delta=built.delta, progress=progress, start=start)
+                           self.acc, delta=built.delta, progress=progress, start=start,
+                           monitor=monitor)
         result.pop("model")
         eff = {k: result.pop(k) for k in ("train_seconds", "step_time_median", "step_time_mean",
                                           "throughput", "peak_mem_mb", "mem_start_mb", "mem_kind")}

@@ -9,8 +9,8 @@ and up-projected (zero-initialised), is added to the backbone's last hidden stat
 through the model's own head: at init the model is exactly the base model, and its logits and
 loss come out of the model's normal output.
 
-The backbone's activations are detached where the ladders read them, so no backward pass runs
-through the backbone: gradients reach only the side network and the head, and autograd keeps no
+The backbone's activations are detached where the ladders read them (and nothing else in the
+frozen backbone requires grad), so no backward pass runs through the backbone: gradients reach only the side network and the head, and autograd keeps no
 backbone activation for backward (LST's memory saving). Layers: a root layer that reads the
 attention mask, a tap on every block (``targets`` / ``layers`` choose them, default every
 encoder block), and the side network on the ``backbone_out`` module (its output is the last
@@ -143,7 +143,9 @@ class SideNetwork(DeltaLayer):
         return self.up(self.norm(s))
 
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        last = (out.last_hidden_state if hasattr(out, "last_hidden_state") else main_tensor(out)).detach()
+        # not detached: alone, nothing in the frozen backbone requires grad anyway; a delta stacked
+        # inside the backbone (LoRA, ...) still trains through the backbone's own output
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else main_tensor(out)
         new = last + self.side().to(last.dtype)
         self.ladder.first, self.ladder.taps = None, []
         if hasattr(out, "last_hidden_state"):

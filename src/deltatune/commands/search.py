@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     g.add_argument("--eval-every", type=int, default=10, help="dev scores (the fidelities) every N steps")
     g.add_argument("--search-dev-size", type=int, default=200, help="dev examples carved from train")
     g.add_argument("--max-length", type=int, default=128)
+    g.add_argument("--lr", type=float, default=None, help="one learning rate for every delta (default: per method)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -50,7 +51,7 @@ def run(args) -> int:
                  max_params=args.max_params, max_percent=args.max_percent, steps=args.steps,
                  batch_size=args.batch_size, eval_every=args.eval_every, dev_size=args.search_dev_size,
                  max_length=args.max_length, seed=args.seed, n_trials=args.trials, eta=args.eta,
-                 data_dir=args.data_dir, device=args.device, threads=args.threads, out=args.out, log=log)
+                 data_dir=args.data_dir, device=args.device, threads=args.threads, lr=args.lr, out=args.out, log=log)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, sort_keys=True))
         return 0

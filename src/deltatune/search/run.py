@@ -97,7 +97,7 @@ class SearchResult:
 
 def suite_config(s: dict[str, Any]) -> SuiteConfig:
     return SuiteConfig(model=s["model"], budget=Budget(**s["budget"]), data_dir=s["data_dir"],
-                       device=s["device"], quiet=True, threads=s["threads"])
+                       device=s["device"], quiet=True, threads=s["threads"], lr=s["lr"])
 
 
 def search(task: str = "SST-2", model: str | None = None, time_budget: float = 60.0,
@@ -105,17 +105,18 @@ def search(task: str = "SST-2", model: str | None = None, time_budget: float = 6
            steps: int = 30, batch_size: int = 16, eval_every: int = 10, dev_size: int = 200,
            max_length: int = 128, seed: int = 0, n_trials: int | None = None, eta: int = 3,
            data_dir: str | None = None, device: str = "auto", threads: int | None = None,
-           out: str | Path | None = None, log=None) -> SearchResult:
+           lr: float | None = None, out: str | Path | None = None, log=None) -> SearchResult:
     """Search methods x sizes x layers under a parameter budget within ``time_budget`` seconds.
 
     ``max_params`` / ``max_percent``: trainable parameters (with the task head) allowed, absolute
-    or as % of the base model. ``eta``: successive halving's reduction factor. Returns the best
+    or as % of the base model. ``lr``: one learning rate for every delta (default: the bench's
+    per-method table; per candidate: ``lora:r=2|4,lr=1e-3``). ``eta``: successive halving's reduction factor. Returns the best
     completed trial (trained); ``out``: save it there. Raises ConfigError when no trial finished.
     """
     t0 = time.monotonic()
     if time_budget <= 0:
         raise ConfigError(f"time_budget={time_budget} must be > 0 seconds.")
-    deadline = t0 + time_budget * 0.95  # the rest: picking and saving the result
+    deadline = t0 + time_budget * 0.9  # the rest: a trial's uninterruptible set-up, saving the result
     from ..bench.models import model_label
 
     budget = Budget(steps=steps, batch_size=batch_size, eval_every=min(eval_every, steps), dev_size=0,
@@ -123,7 +124,7 @@ def search(task: str = "SST-2", model: str | None = None, time_budget: float = 6
     settings = {"task": task, "model": model, "model_label": model_label(model), "budget": budget.to_dict(),
                 "seed": seed, "dev_size": dev_size, "data_dir": data_dir, "device": device,
                 "threads": threads, "space": list(space or []), "time_budget": time_budget,
-                "max_params": max_params, "max_percent": max_percent, "eta": eta}
+                "max_params": max_params, "max_percent": max_percent, "eta": eta, "lr": lr}
     cands = parse_space(space)
     settings["space"] = [c.label for c in cands]
     runner = Runner(suite_config(settings))
@@ -196,6 +197,9 @@ class _Objective:
     def __call__(self, trial) -> float:
         import optuna
 
+        if time.monotonic() >= self.deadline:
+            trial.study.stop()
+            raise optuna.TrialPruned("time budget reached")
         text = self.sample(trial)
         row: dict[str, Any] = {"number": trial.number, "spec": text}
         self.state["trials"].append(row)
@@ -209,6 +213,8 @@ class _Objective:
             raise optuna.TrialPruned(f"{row['trainable']} trainable > {self.limit}")
         t0 = time.monotonic()
         try:
+            if t0 >= self.deadline:
+                raise _TimeUp
             record, built = self.runner.train(self.task, spec, self.seed, monitor=self._monitor(trial, row))
         except optuna.TrialPruned:
             row.update(status="pruned", seconds=time.monotonic() - t0)

@@ -49,9 +49,8 @@ def parse_candidate(text: str) -> Candidate:
         key = key.strip()
         if not eq or not key:
             raise ConfigError(f"search candidate option {part!r} in {text!r} must look like key=value.")
-        if key in ("layers", "lr"):
-            raise ConfigError(f"{text!r}: the search chooses `layers` itself and uses the per-method "
-                              f"learning rates; leave {key!r} out.")
+        if key == "layers":
+            raise ConfigError(f"{text!r}: the search chooses `layers` itself; leave it out.")
         if "|" in value:
             if size_field is not None:
                 raise ConfigError(f"{text!r}: only one field may list alternatives (a|b|c).")
@@ -60,7 +59,8 @@ def parse_candidate(text: str) -> Candidate:
             options[key] = parse_value(value)
     cand = Candidate(name.strip(), size_field, sizes, options)
     for i in range(1, len(sizes) + 1):
-        config_from_dict({"method": cand.method, **cand.options_for(i)})  # validate every size now
+        opts = {k: v for k, v in cand.options_for(i).items() if k != "lr"}  # lr: the component's
+        config_from_dict({"method": cand.method, **opts})  # validate every size now
     return cand
 
 

@@ -131,13 +131,15 @@ def convergence(curve: list[dict[str, Any]]) -> dict[str, Any]:
 
 def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: Budget, pad: int,
               acc, delta=None, progress=None, start: dict[str, float] | None = None,
-              ckpt: Checkpointer | None = None) -> dict[str, Any]:
+              ckpt: Checkpointer | None = None, monitor=None) -> dict[str, Any]:
     """Train `model` (its optimizer `groups`), scoring dev along the way; returns the measurements.
 
     ``start``: dev metrics at step 0, when the caller has them (the untrained model's, shared by
     the runs of one task and seed); else they are measured here. ``ckpt``: checkpoint every
     ``ckpt.every`` steps and resume from its last checkpoint (same numbers as an unbroken run).
-    A non-finite loss or gradient stops the run before the optimizer step (``TrainingError``)."""
+    A non-finite loss or gradient stops the run before the optimizer step (``TrainingError``).
+    ``monitor(step, point)``: called after every step with the new dev curve point (None between
+    evaluations); it may raise to stop the run (a search's pruning or time limit)."""
     collate = Collator(pad, task.regression)
     train_dl = DataLoader(train, batch_size=budget.batch_size, shuffle=False, collate_fn=collate)
     dev_dl = DataLoader(dev, batch_size=budget.eval_batch_size, shuffle=False, collate_fn=collate)
@@ -190,6 +192,8 @@ def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: B
                 ckpt.save({"step": done, "trainable": trainable_state(params, delta),
                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                            "curve": curve, "losses": losses, "times": times}, acc, delta)
+            if monitor is not None:
+                monitor(done, curve[-1] if curve[-1]["step"] == done else None)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{value:.3f}", **{M.SHORT[task.metric]: f"{100 * curve[-1]['metric']:.1f}"})

@@ -119,9 +119,10 @@ class Runner:
         self.acc.free_memory()
         return record
 
-    def train(self, task: Task, spec: MethodSpec, seed: int, progress=None, ckpt=None):
+    def train(self, task: Task, spec: MethodSpec, seed: int, progress=None, ckpt=None, monitor=None):
         """(record, Built): one training run; the Built holds the trained model or deltas.
-        ``ckpt``: a ``checkpoint.Checkpointer`` (checkpoint along the way, resume from it)."""
+        ``ckpt``: a ``checkpoint.Checkpointer`` (checkpoint along the way, resume from it).
+        ``monitor``: see ``loop.train_run``."""
         set_seed(seed)
         model, tok = self.models.get(task.num_labels, seed)
         train, dev = self.data(task, seed, tok, model)
@@ -130,7 +131,8 @@ class Runner:
         built = build(spec, model, self.cfg.budget.steps, self.cfg.lr, self.cfg.head_lr)
         built.tokenizer = tok
         result = train_run(built.model, built.groups, task, train, dev, self.cfg.budget, pad_id(tok),
-                           self.acc, delta=built.delta, progress=progress, start=start, ckpt=ckpt)
+                           self.acc, delta=built.delta, progress=progress, start=start, ckpt=ckpt,
+                           monitor=monitor)
         result.pop("model")
         eff = {k: result.pop(k) for k in ("train_seconds", "step_time_median", "step_time_mean",
                                           "throughput", "peak_mem_mb", "mem_start_mb", "mem_kind",

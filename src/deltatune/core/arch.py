@@ -22,6 +22,8 @@ _BERT = {
     "attn_block": r"layer\.\d+\.attention\.output\.dense", "ffn_block": r"layer\.\d+\.output\.dense",
     # where a sublayer's input is seen, when not at the *_block module itself (parallel adapters)
     "attn_block_in": r"layer\.\d+\.attention\.self", "ffn_block_in": r"layer\.\d+\.intermediate",
+    # whole transformer blocks, and the module whose output is the last hidden states (side networks)
+    "block": r"encoder\.layer\.\d+", "backbone_out": r"encoder",
 }
 _GPT2 = {
     "query": r"attn\.c_attn", "key": r"attn\.c_attn", "value": r"attn\.c_attn",

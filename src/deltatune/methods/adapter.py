@@ -167,14 +167,27 @@ class AdapterDelta(Delta):
         return net.to(site.dtype)
 
     def projection(self, d_in: int, d_out: int, up: bool) -> nn.Module:
-        lin = nn.Linear(d_in, d_out)
-        with torch.no_grad():
-            nn.init.zeros_(lin.bias)
-            if self.config.init == "houlsby":
-                nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
-            elif up:
-                nn.init.zeros_(lin.weight)  # the identity at init
-        return lin
+        return linear_projection(d_in, d_out, up, self.config.init)
+
+
+def linear_projection(d_in: int, d_out: int, up: bool, init: str) -> nn.Linear:
+    """An adapter projection: zero bias; "houlsby": N(0, 1e-2) truncated, else a zero up-projection."""
+    lin = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        nn.init.zeros_(lin.bias)
+        if init == "houlsby":
+            nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
+        elif up:
+            nn.init.zeros_(lin.weight)  # the identity at init
+    return lin
+
+
+def plain_bottleneck(site: Site, cfg: AdapterConfig) -> Bottleneck:
+    """The bottleneck adapter of `cfg` for one site (what AdapterDelta builds)."""
+    m = cfg.bottleneck_size(site.dim)
+    net = Bottleneck(site.dim, cfg, linear_projection(site.dim, m, False, cfg.init),
+                     linear_projection(m, site.dim, True, cfg.init))
+    return net.to(site.dtype)
 
 
 register("adapter", AdapterConfig, AdapterDelta, family="additive",

@@ -86,7 +86,7 @@ class PrefixLayer(soft.Foldable):
         n = self.n = cfg.num_virtual_tokens
         table = soft.input_embedding(model)[1].weight
         self._model = (model,)
-        self.shift = n if cfg.shift_positions else 0
+        self.shift = n if getattr(cfg, "shift_positions", False) else 0  # composites (mam, unipelt) lack it
         if cfg.projection:  # one probe token tells the per-layer key/value shapes
             layers, _, heads, _, head_dim = probe(model, torch.zeros(1, dtype=torch.long, device=table.device)).shape
             self.shape = (layers, 2, heads, n, head_dim)

@@ -36,7 +36,7 @@ DEFAULT_LR: dict[str, float] = {
     "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2,
     "ia3": 1e-2, "vera": 2e-2, "loha": 5e-3, "lokr": 5e-3, "adalora": 5e-3,
     "diff_pruning": 5e-3, "lt_sft": 5e-4, "mask": 5e-3, "sparse_adapter": 5e-3,
-    "mam": 5e-3, "unipelt": 5e-3, "adamix": 5e-3, "lst": 5e-3,
+    "mam": 5e-4, "unipelt": 1e-3, "adamix": 5e-3, "lst": 5e-3,
 }
 # Combinations the default suite adds when all their parts are registered (papers' pairings).
 DEFAULT_COMBOS: tuple[str, ...] = ("lora+bitfit", "prompt+adapter")

@@ -231,12 +231,9 @@ def test_long_generation_with_cache_equals_cacheless(arch, method):
     generate_both(arch, method, 24, (7, 2))
 
 
-@pytest.mark.parametrize("method", ALL)
-@pytest.mark.parametrize("arch", DECODERS + ["t5"])
+@pytest.mark.parametrize("arch, method", GEN)
 def test_generation_logits_follow_the_prompt(arch, method):
     """The first generated token's scores are the delta's forward logits, not the base model's."""
-    if arch == "t5" and method == "prefix":
-        pytest.skip("prefix tuning refuses encoder-decoders")
     model = long_model(arch)
     dm = dt.wrap(model, config(method))
     shake(dm)
@@ -356,6 +353,26 @@ def test_prefix_of_real_token_states_equals_those_tokens_in_the_input(arch):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_prefix_is_exact_on_a_bidirectional_encoder():
+    """BERT: the keys/values that tokens t have in the run on [t, x], as prefix, give that run's outputs at x."""
+    model = tiny_model("bert", task="lm")
+    dm = dt.wrap(model, config("prefix", n=3, projection=False))
+    t, x = torch.randint(3, 128, (1, 3)), torch.randint(3, 128, (1, 5))
+    states, hooks = [], []
+    for layer in model.bert.encoder.layer:
+        for proj in (layer.attention.self.key, layer.attention.self.value):
+            hooks.append(proj.register_forward_hook(
+                lambda m, a, out: states.append(out.view(1, 8, 4, 8).transpose(1, 2)[0, :, :3])))
+    with torch.no_grad(), dm.disabled():
+        want = model(input_ids=torch.cat([t, x], 1)).logits[:, 3:]
+        prefix = torch.stack(states).view(2, 2, 4, 3, 8)  # (layers, key/value, heads, n, head_dim)
+        dm.get_delta("default").layers["@"].prefix.copy_(prefix)
+    for h in hooks:
+        h.remove()
+    got = logits_of(dm, {"input_ids": x, "position_ids": torch.arange(3, 8)[None]})
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_prefix_without_a_mask_on_an_encoder():
     model = tiny_model("bert")
     dm = dt.wrap(model, config("prefix"))
@@ -382,11 +399,14 @@ def test_prefix_dropped_by_gradient_checkpointing_is_an_error():
 
 
 # -- the real model ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, lr", [("prompt", 3e-2), ("prefix", 5e-3)])
-def test_learns_sst2_on_real_model(method, lr):
+# Measured (120 steps, seed 0): prompt 0.568 -> 0.690 (lr 1e-2: 0.557, 3e-2: 0.675, 1e-1: 0.625);
+# prefix with its MLP 0.517 -> 0.735 (lr 5e-3 diverges: 0.520; projection=False at 5e-3: 0.677).
+@pytest.mark.parametrize("method, lr, gain", [("prompt", 5e-2, 0.05), ("prefix", 1e-3, 0.15)])
+def test_learns_sst2_on_real_model(method, lr, gain):
+    """120 steps on SST-2 (prompt and classifier head, or prefix MLP and head) beat the untrained model."""
     from realrun import finetune
 
-    before, after, _ = finetune(config(method, n=20, projection_hidden=512) if method == "prefix"
-                                else config(method, n=20), steps=120, lr=lr)
+    cfg = dt.config_from_dict({"method": method, "num_virtual_tokens": 20})
+    before, after, _ = finetune(cfg, steps=120, lr=lr)
     print(f"{method} SST-2 dev accuracy: untrained {before:.3f} -> {after:.3f}")
-    assert after > before + 0.1
+    assert after > before + gain

@@ -117,7 +117,7 @@ class PrefixLayer(soft.Foldable):
         x = kw.get("inputs_embeds") if x is None else x
         if x is None:
             return args, kwargs
-        if module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
+        if module.training and torch.is_grad_enabled() and _checkpointing(module):
             raise ConfigError(_CHECKPOINTING)
         batch, length = x.shape[:2]
         cache = soft.get_cache(kw)
@@ -167,6 +167,11 @@ class PrefixLayer(soft.Foldable):
 _CHECKPOINTING = ("prefix tuning feeds its prefixes through the KV cache, which transformers drops under "
                   "gradient checkpointing: call model.gradient_checkpointing_disable(), or use 'prompt' / "
                   "'ptuning'.")
+
+
+def _checkpointing(module: nn.Module) -> bool:
+    name = "is_activation_checkpointing"  # transformers >= 5.x; is_gradient_checkpointing before
+    return bool(getattr(module, name if hasattr(type(module), name) else "is_gradient_checkpointing", False))
 
 
 def _use_cache(module: nn.Module, kwargs: dict) -> bool:

@@ -55,20 +55,28 @@ def accuracy(model, dev) -> float:
 
 
 def finetune(config, steps: int = 120, lr: float = 2e-3, batch: int = 16, seed: int = 0,
-             n_dev: int = 400, wrap=None):
-    """(dev accuracy untrained, dev accuracy after `steps` steps, the DeltaModel)."""
+             n_dev: int = 400, wrap=None, clip: float | None = None, warmup: int = 0):
+    """(dev accuracy untrained, dev accuracy after `steps` steps, the DeltaModel).
+
+    ``clip``: max gradient norm; ``warmup``: linear warm-up steps. Methods with a sharp learning-rate
+    edge (soft prompts) need both, else the run is chaotic: a CPU with other kernels diverges."""
     torch.manual_seed(seed)
     model, _ = load_classifier(seed=seed)
     dm = (wrap or deltatune.wrap)(model, config)
     dev = batches("dev", n_dev, 64, seed)
     before = accuracy(dm, dev)
     train = batches("train", steps * batch, batch, seed)
-    opt = torch.optim.AdamW(dm.trainable_parameters(), lr=lr)
+    params = dm.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     dm.train()
     for step, b in enumerate(train):
         loss = dm(**b).loss + dm.regularization()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         dm.step(step)
     return before, accuracy(dm, dev), dm

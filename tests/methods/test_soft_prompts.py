@@ -399,14 +399,16 @@ def test_prefix_dropped_by_gradient_checkpointing_is_an_error():
 
 
 # -- the real model ----------------------------------------------------------------------------------
-# Measured (120 steps, seed 0): prompt 0.568 -> 0.690 (lr 1e-2: 0.557, 3e-2: 0.675, 1e-1: 0.625);
-# prefix with its MLP 0.517 -> 0.735 (lr 5e-3 diverges: 0.520; projection=False at 5e-3: 0.677).
-@pytest.mark.parametrize("method, lr, gain", [("prompt", 5e-2, 0.05), ("prefix", 1e-3, 0.15)])
-def test_learns_sst2_on_real_model(method, lr, gain):
+# Soft prompts have a sharp learning-rate edge: without clipping and warm-up a 120-step run is chaotic
+# (seed 0 reached 0.69 / 0.74 here, seeds 1-2 and a CI machine stayed near chance). With clip 1.0,
+# 20 warm-up steps, measured over seeds 0-2 and 1 or 2 threads: prompt (batch 32, lr 5e-2) gained
+# +0.117..+0.181; prefix with its MLP (batch 16, lr 2e-4) +0.110..+0.198.
+@pytest.mark.parametrize("method, lr, batch", [("prompt", 5e-2, 32), ("prefix", 2e-4, 16)])
+def test_learns_sst2_on_real_model(method, lr, batch):
     """120 steps on SST-2 (prompt and classifier head, or prefix MLP and head) beat the untrained model."""
     from realrun import finetune
 
     cfg = dt.config_from_dict({"method": method, "num_virtual_tokens": 20})
-    before, after, _ = finetune(cfg, steps=120, lr=lr)
+    before, after, _ = finetune(cfg, steps=120, lr=lr, batch=batch, clip=1.0, warmup=20)
     print(f"{method} SST-2 dev accuracy: untrained {before:.3f} -> {after:.3f}")
-    assert after > before + gain
+    assert after > before + 0.08

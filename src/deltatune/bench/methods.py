@@ -180,7 +180,8 @@ def build(spec: MethodSpec, model: nn.Module, steps: int, lr: float | None = Non
         configs.append({**cfg, "lr": rate})
         groups += _groups(delta, model, rate, head_lr)
     dm.activate(*names)
-    trainable = sum(p.numel() for p in dm.trainable_parameters())
+    trainable = sum(p.numel() for p in dm.trainable_parameters()) - sum(
+        dm.get_delta(n).masked_count() for n in names)
     return Built(dm, groups, configs, trainable, base_params, dm)
 
 

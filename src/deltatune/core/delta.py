@@ -112,6 +112,10 @@ class Delta(nn.Module):
     def on_step(self, step: int) -> None:
         """Called once per optimizer step by ``DeltaModel.step`` (budget schedules, ...)."""
 
+    def masked_count(self) -> int:
+        """Entries of trainable tensors held at zero by a fixed mask: not counted as trainable."""
+        return 0
+
     # -- weighted combination of several deltas of this method (DeltaModel.add_weighted) ---------
     @classmethod
     def weighted(cls, name: str, deltas: list[Delta], weights: list[float], model: nn.Module,

@@ -35,7 +35,7 @@ def summary(dm) -> Summary:
     rows = Summary()
     for name in dm.deltas:
         delta = dm.get_delta(name)
-        trainable = sum(p.numel() for p in delta.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in delta.parameters() if p.requires_grad) - delta.masked_count()
         tensors = {k: v.detach().contiguous().cpu() for k, v in delta.delta_state_dict().items()}
         rows.append({
             "name": name, "method": delta.config.method, "active": name in dm.active,

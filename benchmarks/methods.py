@@ -49,6 +49,13 @@ CONFIGS: dict[str, tuple[Callable[[str], dict[str, Any]], Callable[[str], Any] |
     "layernorm": (lambda m: {"method": "layernorm"}, None, "layernorm"),
 }
 
+# deltatune-only rows (peft has no twin here, or none with the same defaults): each method's
+# defaults, timed against the floor
+for _name in ("adapter", "compacter", "prefix", "ptuning", "vera", "loha", "lokr", "diff_pruning",
+              "lt_sft", "mask", "sparse_adapter", "mam", "unipelt", "adamix", "lst"):
+    CONFIGS[_name] = (lambda m, n=_name: {"method": n}, None, _name)
+CONFIGS["adalora"] = (lambda m: {"method": "adalora", "total_step": 1000}, None, "adalora")
+
 
 def _dora(model_name: str):
     cfg = _peft_lora(model_name, QV[model_name])

@@ -104,3 +104,21 @@ def test_schedule_field_filled_and_hooks_called(scheduled, one_thread, tmp_path)
     assert rec["status"] == "ok", rec.get("error")
     assert ScheduledDelta.seen == [0, 1, 2, 3, 4]
     assert torch.isfinite(torch.tensor(rec["loss"])).all()
+
+
+def test_every_default_method_trains_in_the_suite(one_thread, tmp_path):
+    """Each method of the default suite (every registered one, and the combinations) runs a cell:
+    a method whose defaults need the run's length (AdaLoRA's total_step) gets it."""
+    from deltatune.bench import Budget, SuiteConfig, run_suite
+
+    methods = default_methods()
+    assert "adalora" in methods and "sparse_adapter" in methods
+    # hidden 32 // 32 leaves Compacter a bottleneck of 1, which n=4 cannot divide (MiniLM's is 12)
+    methods = [m if m != "compacter" else "compacter:reduction_factor=4" for m in methods]
+    cfg = SuiteConfig(model="tiny-bert", tasks=["SST-2"], methods=methods, out=str(tmp_path),
+                      budget=Budget(steps=4, eval_every=4, batch_size=4, dev_size=8), quiet=True, plots=False)
+    records = run_suite(cfg)
+    failed = {r["method"]: r.get("error") for r in records if r["status"] != "ok"}
+    assert not failed
+    assert len(records) == len(methods)
+    assert all(r["trainable"] > 0 for r in records)

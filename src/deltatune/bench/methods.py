@@ -6,7 +6,7 @@ Values parse as JSON where they can (``8``, ``0.1``, ``true``, ``["query","value
 a list of strings; anything else is a string.
 
 Learning rates: ``DEFAULT_LR`` below, per method, tuned for short runs; methods not listed get
-``FALLBACK_LR``. A config field named ``total_steps`` left at None is set to the run's number of
+``FALLBACK_LR``. A config field named ``total_steps`` (or peft's ``total_step``, AdaLoRA's) left at None is set to the run's number of
 steps (for methods with training schedules, e.g. rank budgets or pruning phases).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ DEFAULT_LR: dict[str, float] = {
 }
 # Combinations the default suite adds when all their parts are registered (papers' pairings).
 DEFAULT_COMBOS: tuple[str, ...] = ("lora+bitfit", "prompt+adapter")
-SCHEDULE_FIELD = "total_steps"
+SCHEDULE_FIELDS = ("total_steps", "total_step")
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,9 @@ def component_config(comp: Component, index: int, steps: int) -> dict[str, Any]:
     if index > 0 and "modules_to_save" not in cfg:
         cfg["modules_to_save"] = []  # the first delta trains the task head
     fields = {f.name for f in dataclasses.fields(get_method(comp.method).config_cls)}
-    if SCHEDULE_FIELD in fields and cfg.get(SCHEDULE_FIELD) is None:
-        cfg[SCHEDULE_FIELD] = steps
+    for name in fields.intersection(SCHEDULE_FIELDS):
+        if cfg.get(name) is None:
+            cfg[name] = steps
     return config_from_dict(cfg).to_dict()
 
 

@@ -121,4 +121,4 @@ def test_every_default_method_trains_in_the_suite(one_thread, tmp_path):
     failed = {r["method"]: r.get("error") for r in records if r["status"] != "ok"}
     assert not failed
     assert len(records) == len(methods)
-    assert all(r["trainable"] > 0 for r in records)
+    assert all(r["efficiency"]["trainable"] > 0 for r in records)

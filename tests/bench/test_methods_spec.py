@@ -122,3 +122,27 @@ def test_every_default_method_trains_in_the_suite(one_thread, tmp_path):
     assert not failed
     assert len(records) == len(methods)
     assert all(r["efficiency"]["trainable"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("method, fraction", [("lt_sft", 0.5), ("diff_pruning", 2 / 3)])
+def test_sparse_switch_runs_inside_the_bench_loop(one_thread, tmp_path, method, fraction):
+    """The bench puts the one-way switch (LT-SFT phase 2, diff pruning's projection) at its fraction
+    of the run; the loop builds a new optimizer and the kept entries train after the switch."""
+    from deltatune.bench import Budget, SuiteConfig
+    from deltatune.bench.suite import Runner
+    from deltatune.bench.tasks import get_task
+
+    steps = 6
+    cfg = SuiteConfig(model="tiny-bert", tasks=["SST-2"], methods=[method], out=str(tmp_path),
+                      budget=Budget(steps=steps, eval_every=3, batch_size=4, dev_size=8), quiet=True, plots=False)
+    record, built = Runner(cfg).train(get_task("SST-2"), parse_method(method), seed=0)
+    delta = built.delta.get_delta(method)
+    assert record["configs"][0]["switch_at"] == round(steps * fraction)
+    assert delta.is_compact and delta.param_version == 1
+    values = [v for _, lay in delta.compact_layers() for v in lay.sparse.val.values()]
+    kept = sum(v.numel() for v in values)
+    assert kept == max(1, round(delta.config.density * delta.target_numel()))
+    if method == "lt_sft":  # phase 2 starts from zero differences: non-zero values were trained
+        assert any(bool(v.detach().abs().sum() > 0) for v in values)
+    heads = sum(p.numel() for p in built.delta.trainable_parameters()) - kept
+    assert record["efficiency"]["trainable"] == kept + heads

@@ -41,6 +41,7 @@ DEFAULT_LR: dict[str, float] = {
 # Combinations the default suite adds when all their parts are registered (papers' pairings).
 DEFAULT_COMBOS: tuple[str, ...] = ("lora+bitfit", "prompt+adapter")
 SCHEDULE_FIELDS = ("total_steps", "total_step")
+SWITCH_FIELD = "switch_at"  # sparse methods' one-way switch, at their switch_fraction of the run
 
 
 @dataclass(frozen=True)
@@ -147,16 +148,21 @@ class Built:
     base_params: int
     delta: DeltaModel | None = None
     tokenizer: Any = None
+    regroup: Any = None  # () -> the optimizer groups again, after a delta replaced its tensors
 
 
 def component_config(comp: Component, index: int, steps: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {"method": comp.method, **comp.options}
     if index > 0 and "modules_to_save" not in cfg:
         cfg["modules_to_save"] = []  # the first delta trains the task head
-    fields = {f.name for f in dataclasses.fields(get_method(comp.method).config_cls)}
+    config_cls = get_method(comp.method).config_cls
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     for name in fields.intersection(SCHEDULE_FIELDS):
         if cfg.get(name) is None:
             cfg[name] = steps
+    fraction = getattr(config_cls, "switch_fraction", None)
+    if SWITCH_FIELD in fields and cfg.get(SWITCH_FIELD) is None and fraction is not None:
+        cfg[SWITCH_FIELD] = max(1, round(steps * fraction))
     return config_from_dict(cfg).to_dict()
 
 
@@ -171,19 +177,26 @@ def build(spec: MethodSpec, model: nn.Module, steps: int, lr: float | None = Non
         return Built(model, [{"params": list(model.parameters()), "lr": rate}],
                      [{"method": FULL, "lr": rate}], base_params, base_params)
     dm = DeltaModel(model)
-    names, groups, configs = [], [], []
+    names, rates, configs = [], [], []
     for i, comp in enumerate(spec.components):
         name = comp.method if comp.method not in names else f"{comp.method}_{i}"
         cfg = component_config(comp, i, steps)
-        delta = dm.add(name, cfg)
+        dm.add(name, cfg)
         names.append(name)
-        rate = lr or comp.learning_rate
-        configs.append({**cfg, "lr": rate})
-        groups += _groups(delta, model, rate, head_lr)
+        rates.append(lr or comp.learning_rate)
+        configs.append({**cfg, "lr": rates[-1]})
     dm.activate(*names)
-    trainable = sum(p.numel() for p in dm.trainable_parameters()) - sum(
-        dm.get_delta(n).masked_count() for n in names)
-    return Built(dm, groups, configs, trainable, base_params, dm)
+
+    def regroup() -> list[dict[str, Any]]:
+        return [g for n, rate in zip(names, rates) for g in _groups(dm.get_delta(n), model, rate, head_lr)]
+
+    return Built(dm, regroup(), configs, count_trainable(dm), base_params, dm, regroup=regroup)
+
+
+def count_trainable(dm: DeltaModel) -> int:
+    """Trainable entries of the active deltas (fixed-mask zeros not counted)."""
+    return sum(p.numel() for p in dm.trainable_parameters()) - sum(
+        dm.get_delta(n).masked_count() for n in dm.active)
 
 
 def _groups(delta, model: nn.Module, rate: float, head_lr: float | None) -> list[dict[str, Any]]:

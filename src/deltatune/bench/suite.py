@@ -24,7 +24,7 @@ from . import report
 from .data import by_length, dev_indices, encode, group_by_length, pad_id, reorder, train_indices
 from .loop import Budget, accelerator, score_model, train_run
 from .measure import environment
-from .methods import MethodSpec, build, default_methods, parse_method
+from .methods import MethodSpec, build, count_trainable, default_methods, parse_method
 from .models import ModelCache, max_positions, model_label
 from .tasks import Task, parse_task, verify_glue
 
@@ -132,7 +132,9 @@ class Runner:
         built.tokenizer = tok
         result = train_run(built.model, built.groups, task, train, dev, self.cfg.budget, pad_id(tok),
                            self.acc, delta=built.delta, progress=progress, start=start, ckpt=ckpt,
-                           monitor=monitor)
+                           monitor=monitor, regroup=built.regroup)
+        if built.delta is not None:  # a sparse switch changes what is trained and stored
+            built.trainable = count_trainable(built.delta)
         result.pop("model")
         eff = {k: result.pop(k) for k in ("train_seconds", "step_time_median", "step_time_mean",
                                           "throughput", "peak_mem_mb", "mem_start_mb", "mem_kind",

@@ -112,6 +112,10 @@ class Delta(nn.Module):
     def on_step(self, step: int) -> None:
         """Called once per optimizer step by ``DeltaModel.step`` (budget schedules, ...)."""
 
+    #: bumped when ``on_step`` replaces the trainable tensors (a sparse switch): a training loop
+    #: that sees it change builds a new optimizer over ``DeltaModel.trainable_parameters()``
+    param_version: int = 0
+
     def masked_count(self) -> int:
         """Entries of trainable tensors held at zero by a fixed mask: not counted as trainable."""
         return 0

@@ -289,6 +289,11 @@ class DeltaModel(nn.Module):
         for n in self._active:
             self.delta_modules[n].on_step(step)
 
+    @property
+    def param_version(self) -> int:
+        """Changes when a delta's ``step`` replaced its trainable tensors: rebuild the optimizer."""
+        return sum(self.delta_modules[n].param_version for n in self.deltas)
+
     # -- I/O and reporting ----------------------------------------------------------------------
     def save(self, path: str, name: str | None = None, **kwargs: Any) -> None:
         from .state import save

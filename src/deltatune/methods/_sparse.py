@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -359,6 +359,16 @@ class CompactingDelta(Delta):
             raise ConfigError(f"k={k!r} entries to keep must be an int in (0, {total}] (the targets' size).")
         return k
 
+    def switch(self) -> None:
+        """The method's one-way switch to its compact form (``finalize`` / ``start_phase2``)."""
+        raise NotImplementedError
+
+    def on_step(self, step: int) -> None:
+        at = getattr(self.config, "switch_at", None)
+        if at is not None and step + 1 == at and not self.is_compact:
+            self.switch()
+            self.param_version += 1
+
     def check_switch(self, action: str) -> None:
         if self.is_compact:
             raise ConfigError(f"delta {self.name!r} is in its compact form already; {action} runs once.")
@@ -417,12 +427,19 @@ BLOCK_LINEAR_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 @dataclass
 class SparseConfig(DeltaConfig):
     """params: names of the direct parameters of each target module to change (None: all of
-    them, e.g. weight and bias). Targets default to every linear layer of the blocks."""
+    them, e.g. weight and bias). Targets default to every linear layer of the blocks.
+    switch_at: ``dm.step(switch_at - 1)`` (after that many optimizer steps) runs the method's
+    one-way switch (``finalize()`` / ``start_phase2()``) by itself and bumps ``param_version``;
+    None: call it yourself. The bench sets it to ``switch_fraction`` of the run."""
 
     params: list[str] | None = None
+    switch_at: int | None = None
+    switch_fraction: ClassVar[float | None] = 0.5  # not a field: where the bench puts the switch
 
     def validate(self) -> None:
         super().validate()
+        if self.switch_at is not None:
+            self.check_range("switch_at", 1, integer=True)
         if self.params is not None and (
             not isinstance(self.params, list) or not self.params
             or not all(isinstance(p, str) for p in self.params)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ class DiffPruningConfig(SparseConfig):
     """density: fraction of target entries kept by ``finalize()``. l0_penalty: weight of the
     expected-L0 term. low < 0 < 1 < high stretch the gate; beta is its temperature."""
 
+    switch_fraction: ClassVar[float | None] = 2 / 3  # L0 phase, then the projection and fixed-mask steps
     density: float = 0.005
     l0_penalty: float = 1.25e-7
     alpha_init: float = 5.0
@@ -97,6 +99,9 @@ class DiffPruningDelta(SparseTargetsDelta):
     def diff_parameters(self) -> list[nn.Parameter]:
         gates = {id(p) for p in self.gate_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in gates]
+
+    def switch(self) -> None:
+        self.finalize()
 
     def finalize(self, k: int | None = None, trainable: bool = True) -> int:
         """Magnitude projection to exactly k entries of z * w, stored sparsely; returns k."""

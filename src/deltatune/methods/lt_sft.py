@@ -76,6 +76,9 @@ class LTSFTDelta(SparseTargetsDelta):
             self.reset_heads()
         return k
 
+    def switch(self) -> None:
+        self.start_phase2()
+
     @property
     def phase(self) -> int:
         return 2 if self.is_compact else 1

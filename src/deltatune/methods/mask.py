@@ -13,6 +13,7 @@ the float32 weight); a finalized delta saves only those bits (plus the task head
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,7 @@ class MaskConfig(SparseConfig):
     (>= threshold: all ones). init_sparsity: fraction of entries that start masked instead."""
 
     params: list[str] | None = field_list(["weight"])
+    switch_fraction: ClassVar[float | None] = None  # the bench trains the scores throughout (finalize() only packs them)
     threshold: float = 5e-3
     init_score: float = 1e-2
     init_sparsity: float = 0.0
@@ -141,6 +143,9 @@ class MaskLayer(DeltaLayer):
 class MaskDelta(SparseTargetsDelta):
     def make_sparse_layer(self, module: nn.Module, names: list[str]) -> MaskLayer:
         return MaskLayer(module, names, self.config)
+
+    def switch(self) -> None:
+        self.finalize()
 
     def finalize(self) -> None:
         """Freeze the current masks into bit-packed buffers (no trainable tensors left but heads)."""

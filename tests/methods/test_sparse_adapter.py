@@ -152,8 +152,9 @@ def test_config_errors_and_no_merge():
 
 
 def test_sparse_adapter_learns_sst2_on_real_model():
+    """Measured here: seed 0 0.532 -> 0.777, seed 1 0.500 -> 0.812 (margins leave room for other CPUs)."""
     before, after, dm = finetune(config(reduction_factor=16), steps=120, lr=2e-3)
     print(f"SparseAdapter (SNIP, 50%) SST-2 dev accuracy: untrained {before:.3f} -> {after:.3f}")
     assert dm.get_delta("default").pruned
     assert before < 0.6
-    assert after >= 0.75
+    assert after >= 0.72 and after - before >= 0.15

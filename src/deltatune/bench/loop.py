@@ -80,7 +80,8 @@ def accelerator(device: str = "auto", mixed_precision: str = "no"):
     return _ACCELERATORS[key]
 
 
-def linear_schedule(optimizer, steps: int, warmup: float):
+def linear_schedule(optimizer, steps: int, warmup: float, start: int = 0):
+    """Warm-up then linear decay; ``start``: the steps already taken (a new optimizer mid-run)."""
     warm = max(1, round(steps * warmup)) if warmup > 0 else 0
 
     def factor(step: int) -> float:
@@ -88,7 +89,9 @@ def linear_schedule(optimizer, steps: int, warmup: float):
             return (step + 1) / warm
         return max(0.0, (steps - step) / max(1, steps - warm))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for group in optimizer.param_groups:  # what LambdaLR needs to start past step 0
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
 
 
 @torch.no_grad()
@@ -229,10 +232,7 @@ def new_optimizer(regroup, budget: Budget, acc, done: int):
                             "given no regroup() to build the new optimizer groups.")
     groups = regroup()
     opt = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
-    sched = linear_schedule(opt, budget.steps, budget.warmup)
-    for _ in range(done):
-        opt.step()  # no gradients yet: a no-op that keeps the scheduler's order check quiet
-        sched.step()
+    sched = linear_schedule(opt, budget.steps, budget.warmup, start=done)
     return acc.prepare(opt), sched, [p for g in groups for p in g["params"]]
 
 

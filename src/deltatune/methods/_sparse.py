@@ -184,13 +184,7 @@ class SparseParams(nn.Module):
     def check(self, where: str) -> None:
         """Loaded indices must be in range, sorted and unique (else merge/unmerge is not exact)."""
         for n in self.names():
-            idx = self.index(n)
-            numel = int(torch.Size(self.shapes[n]).numel())
-            if idx.numel() and (idx[0] < 0 or idx[-1] >= numel or bool((idx[1:] <= idx[:-1]).any())):
-                raise CheckpointError(
-                    f"sparse indices of {where}.{n} are not sorted, unique and within [0, {numel}): "
-                    f"the checkpoint is corrupt or from another base model."
-                )
+            check_indices(self.index(n), int(torch.Size(self.shapes[n]).numel()), f"{where}.{n}")
 
     # exact merge: stash the k original entries, restore them on unmerge
     @torch.no_grad()
@@ -207,6 +201,15 @@ class SparseParams(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self._stash)
+
+
+def check_indices(idx: torch.Tensor, numel: int, where: str) -> None:
+    """Flat indices read from a file: one dimension, sorted, unique, within [0, numel)."""
+    if idx.dim() != 1 or (idx.numel() and (idx[0] < 0 or idx[-1] >= numel or bool((idx[1:] <= idx[:-1]).any()))):
+        raise CheckpointError(
+            f"sparse indices of {where} are not sorted, unique and within [0, {numel}): "
+            f"the checkpoint is corrupt or from another base model."
+        )
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..core.registry import register
 from ..errors import CheckpointError, ConfigError
+from ._sparse import check_indices
 from .adapter import AdapterConfig, AdapterDelta, linear_projection
 
 
@@ -114,12 +115,11 @@ class MaskedLinear(nn.Module):
             missing_keys.extend(missing)
             return
         idx, val, bias = (state_dict[k] for k in keys)
-        numel = self.weight.numel()
         i = idx.long()
-        if (idx.dim() != 1 or i.shape != val.shape or (i.numel() and (i[0] < 0 or i[-1] >= numel))
-                or bool((i[1:] <= i[:-1]).any())):
-            raise CheckpointError(f"sparse adapter tensors {prefix}idx/val are not sorted unique indices "
-                                  f"in [0, {numel}) with one value each: the checkpoint is corrupt.")
+        check_indices(i, self.weight.numel(), f"{prefix}idx")
+        if i.shape != val.shape:
+            raise CheckpointError(f"{prefix}idx and {prefix}val hold {i.numel()} and {val.numel()} "
+                                  f"entries, not one value an index: the checkpoint is corrupt.")
         with torch.no_grad():
             self.set_mask(i)
             self.weight.zero_().view(-1)[i] = val.to(self.weight.dtype)

@@ -13,3 +13,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 @pytest.fixture(params=["bert", "gpt2", "llama", "t5"])
 def arch(request):
     return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a real model (a minute or more); deselect with -m 'not slow'")

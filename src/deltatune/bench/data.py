@@ -22,6 +22,9 @@ class Encoded(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {**self.features[i], "labels": self.labels[i]}
 
+    def reorder(self, order: list[int]) -> Encoded:
+        return reorder(self, order)
+
 
 def encode(tokenizer, examples: Examples, max_length: int, regression: bool) -> Encoded:
     feats = []

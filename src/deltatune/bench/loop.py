@@ -24,6 +24,7 @@ from . import metrics as M
 from .checkpoint import (DELTA_DIR, Checkpointer, TrainingStopped, restore_trainable,
                          set_rng_state, trainable_state)
 from .data import Collator, Encoded
+from .gendata import LMCollator
 from .measure import PeakMemory
 from .tasks import Task
 
@@ -46,19 +47,30 @@ class Budget:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     group_by_length: bool = True
+    # generation tasks only (not part of a classification cell's key)
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    loss_on_prompt: bool = False  # False: the loss is on the completion tokens only
+    pack: bool = False  # several short examples per row (causal LM), kept apart by position ids
 
     def validate(self) -> None:
         from ..errors import ConfigError
 
-        for name in ("steps", "batch_size", "eval_every", "max_length", "eval_batch_size"):
+        for name in ("steps", "batch_size", "eval_every", "max_length", "eval_batch_size", "max_new_tokens",
+                     "num_beams"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.dev_size < 0 or not 0 <= self.warmup < 1 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"budget {asdict(self)}: dev_size >= 0, 0 <= warmup < 1, weight_decay >= 0 "
                               f"and grad_clip >= 0 (0: no clipping) are required.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, generative: bool = True) -> dict[str, Any]:
+        """The budget's fields; without the generation-only ones for other tasks."""
+        out = asdict(self)
+        return out if generative else {k: v for k, v in out.items() if k not in GEN_FIELDS}
+
+
+GEN_FIELDS = ("max_new_tokens", "num_beams", "loss_on_prompt", "pack")
 
 
 def accelerator(device: str = "auto", mixed_precision: str = "no"):
@@ -110,11 +122,27 @@ def evaluate(model, loader, task: Task, acc) -> dict[str, float]:
     return M.score(task, np.concatenate(logits), np.concatenate(labels))
 
 
-def score_model(model, dev: Encoded, task: Task, batch_size: int, pad: int, acc) -> dict[str, float]:
+class ClassScorer:
+    """Dev metrics of a classification / regression task (the loader prepared once per accelerator)."""
+
+    def __init__(self, dev: Encoded, task: Task, pad: int, batch_size: int):
+        self.dev, self.task, self.pad, self.batch_size = dev, task, pad, batch_size
+        self._loader: tuple[Any, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dev)
+
+    def __call__(self, model, acc) -> dict[str, float]:
+        if self._loader is None or self._loader[0] is not acc:
+            dl = DataLoader(self.dev, batch_size=self.batch_size, collate_fn=Collator(self.pad, self.task.regression))
+            self._loader = (acc, acc.prepare(dl))
+        return evaluate(model, self._loader[1], self.task, acc)
+
+
+def score_model(model, scorer, acc) -> dict[str, float]:
     """Dev metrics of a model outside a training run."""
-    loader = DataLoader(dev, batch_size=batch_size, collate_fn=Collator(pad, task.regression))
-    model, loader = acc.prepare(model, loader)
-    out = evaluate(model, loader, task, acc)
+    model = acc.prepare(model)
+    out = scorer(model, acc)
     acc.free_memory()
     return out
 
@@ -132,10 +160,13 @@ def convergence(curve: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: Budget, pad: int,
+def train_run(model, groups, task: Task, train, scorer, budget: Budget, pad: int,
               acc, delta=None, progress=None, start: dict[str, float] | None = None,
               ckpt: Checkpointer | None = None, monitor=None, regroup=None) -> dict[str, Any]:
     """Train `model` (its optimizer `groups`), scoring dev along the way; returns the measurements.
+
+    ``train``: encoded examples (`data.Encoded`, or `gendata.LMEncoded` for generation tasks);
+    ``scorer(model, acc) -> metrics``: the dev metrics (`ClassScorer`, `genscore.GenScorer`).
 
     ``start``: dev metrics at step 0, when the caller has them (the untrained model's, shared by
     the runs of one task and seed); else they are measured here. ``ckpt``: checkpoint every
@@ -146,13 +177,12 @@ def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: B
     ``regroup()``: the optimizer groups again, called when a delta's step replaced its trainable
     tensors (``param_version`` changed, e.g. LT-SFT's phase 2): a new optimizer continues the
     schedule from there."""
-    collate = Collator(pad, task.regression)
+    collate = LMCollator(pad) if task.generative else Collator(pad, task.regression)
     train_dl = DataLoader(train, batch_size=budget.batch_size, shuffle=False, collate_fn=collate)
-    dev_dl = DataLoader(dev, batch_size=budget.eval_batch_size, shuffle=False, collate_fn=collate)
     opt = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
     # the schedule is per optimizer step: not prepared, since accelerate would step it once per process
     sched = linear_schedule(opt, budget.steps, budget.warmup)
-    model, opt, train_dl, dev_dl = acc.prepare(model, opt, train_dl, dev_dl)
+    model, opt, train_dl = acc.prepare(model, opt, train_dl)
     params = [p for g in groups for p in g["params"]]
     version = getattr(delta, "param_version", 0)
     comm = count_communication(model)
@@ -163,7 +193,7 @@ def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: B
         sched.load_state_dict(resumed["scheduler"])
         curve, losses, times, first = resumed["curve"], resumed["losses"], resumed["times"], resumed["step"]
     else:
-        start = start if start is not None else evaluate(model, dev_dl, task, acc)
+        start = start if start is not None else scorer(model, acc)
         curve = [{"step": 0, "seconds": 0.0, "metric": start[task.metric], "metrics": start}]
         losses, times, first = [], [], 0
     if progress is not None and first:
@@ -196,7 +226,7 @@ def train_run(model, groups, task: Task, train: Encoded, dev: Encoded, budget: B
             losses.append(value)
             done = step + 1
             if done % budget.eval_every == 0 or done == budget.steps:
-                m = evaluate(model, dev_dl, task, acc)
+                m = scorer(model, acc)
                 curve.append({"step": done, "seconds": sum(times), "metric": m[task.metric], "metrics": m})
             if ckpt is not None and ckpt.due(done, budget.steps):
                 ckpt.save({"step": done, "trainable": trainable_state(params, delta),

@@ -54,7 +54,10 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy, "f1": f1, "mcc": mcc, "pearson": pearson, "spearman": spearman,
 }
 
-SHORT = {"accuracy": "acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman"}
+SHORT = {"accuracy": "acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman",
+         "bleu": "BLEU", "rougeL": "ROUGE-L", "exact_match": "EM", "loss": "loss", "perplexity": "ppl"}
+# shown as they are (not x100), and lower is better
+UNSCALED = ("loss", "perplexity")
 
 
 def predictions(task: Task, logits: np.ndarray) -> np.ndarray:
@@ -69,3 +72,8 @@ def score(task: Task, logits: np.ndarray, labels: Sequence) -> dict[str, float]:
     if len(gold) == 0:
         raise ValueError(f"task {task.name}: no examples to score")
     return {m: METRICS[m](pred, gold) for m in task.metrics}
+
+
+def format_scores(metrics: dict[str, float]) -> str:
+    """``bleu 41.20, ..., loss 1.234`` (scores x100, losses as they are)."""
+    return ", ".join(f"{k} {v:.3f}" if k in UNSCALED else f"{k} {100 * v:.2f}" for k, v in metrics.items())

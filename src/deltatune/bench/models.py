@@ -1,8 +1,15 @@
-"""Base models for the harness: the shipped MiniLM, any local HF directory, or ``tiny-<arch>``.
+"""Base models for the harness: the shipped MiniLM, ``smollm2``, any local HF directory, or
+``tiny-<arch>``.
 
-``tiny-bert`` (also gpt2, llama, t5) is a random 2-layer model from ``deltatune.models.tiny_model``
-with a hashing word tokenizer: no files, a few milliseconds per step, for tests and smoke runs.
-Its base weights are fixed (seed 0); the run's seed initialises the task head, as for real models.
+The task's kind decides the model class: classification / regression build a
+``...ForSequenceClassification`` (a fresh head), ``causal_lm`` a ``...ForCausalLM`` and ``seq2seq``
+a ``...ForConditionalGeneration``. A model that cannot do the task (an encoder for a causal LM, a
+decoder-only model for seq2seq) is refused with the fix, never loaded under another head.
+
+``tiny-bert`` (also gpt2, llama, t5) is a random 2-layer model from ``deltatune.models.tiny_model``:
+for classification with a hashing word tokenizer, for generation with a byte-level HF tokenizer
+(``tiny_tokenizer``, which decodes). Its base weights are fixed (seed 0); the run's seed
+initialises the task head, as for real models.
 """
 from __future__ import annotations
 
@@ -70,8 +77,16 @@ def reset_head(model: nn.Module, seed: int) -> None:
                 m.reset_parameters()
 
 
-def load_model(name: str | None, num_labels: int, seed: int = 0) -> tuple[nn.Module, Any]:
-    """(classifier, tokenizer); the head is initialised from `seed`."""
+GEN_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
+TINY_GEN = {"causal_lm": ("gpt2", "llama"), "seq2seq": ("t5",)}
+TINY_VOCAB = 260  # tiny_tokenizer: 4 specials + 256 bytes
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def load_model(name: str | None, num_labels: int, seed: int = 0, kind: str = "classification") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a task of `kind`; a classifier's head is initialised from `seed`."""
+    if kind in GEN_CLASSES:
+        return load_generator(name, kind)
     if is_tiny(name):
         return load_tiny(name, num_labels, seed)
     from transformers.utils import logging
@@ -83,6 +98,61 @@ def load_model(name: str | None, num_labels: int, seed: int = 0) -> tuple[nn.Mod
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads the last non-pad token
     return model, tok
+
+
+def load_generator(name: str | None, kind: str) -> tuple[nn.Module, Any]:
+    """A causal LM or an encoder-decoder, with its tokenizer (pad token = eos when it has none)."""
+    from ..errors import ConfigError
+    from ..models import resolve_model_path
+
+    if is_tiny(name):
+        arch = name[len(TINY_PREFIX):]
+        check_generator(arch, kind, name, [])
+        from ..models import tiny_tokenizer
+
+        longer = {"n_positions": 512} if arch == "gpt2" else {} if arch == "t5" else {"max_position_embeddings": 512}
+        return tiny_model(arch, task="lm", seed=0, vocab_size=TINY_VOCAB, **longer), tiny_tokenizer()
+    import transformers
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    path = resolve_model_path(name)
+    config = transformers.AutoConfig.from_pretrained(path)
+    check_generator(config.model_type, kind, name or "the default model", config.architectures or [],
+                    config.is_encoder_decoder)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    try:
+        model = getattr(transformers, GEN_CLASSES[kind]).from_pretrained(path)
+    except ValueError as e:
+        raise ConfigError(f"{name}: transformers cannot build a {kind} model from it ({e}).") from None
+    if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok
+
+
+def check_generator(model_type: str, kind: str, name: str | None, architectures: list[str],
+                    encoder_decoder: bool | None = None) -> None:
+    """Refuse a model that cannot do a generation task of `kind`, naming the fix."""
+    from ..errors import ConfigError
+
+    if is_tiny(name):
+        if model_type not in TINY_GEN[kind]:
+            raise ConfigError(f"{name} cannot do a {kind} task: use "
+                              f"{' or '.join(TINY_PREFIX + a for a in TINY_GEN[kind])}.")
+        return
+    if kind == "seq2seq" and not encoder_decoder:
+        raise ConfigError(f"{name} ({model_type}) is not an encoder-decoder: a seq2seq task "
+                          f"(source=/target=) needs one such as T5; for a decoder-only model give the "
+                          f"data as prompt=COL,completion=COL (a causal-LM task).")
+    if kind == "causal_lm":
+        if encoder_decoder:
+            raise ConfigError(f"{name} ({model_type}) is an encoder-decoder: give the task as "
+                              f"source=COL,target=COL (seq2seq), or use a decoder-only model (e.g. smollm2).")
+        if architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+            raise ConfigError(f"{name} is a {', '.join(architectures)} ({model_type}), not a causal language "
+                              f"model: a causal-LM task needs a decoder such as --model smollm2 or a local "
+                              f"GPT-2 / Llama directory.")
 
 
 def model_label(name: str | None) -> str:
@@ -99,15 +169,17 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 class ModelCache:
-    """Loads each (model, labels, seed) once and hands out fresh deep copies."""
+    """Loads each (model, task kind, labels, seed) once and hands out fresh deep copies."""
 
     def __init__(self, name: str | None):
         self.name = name
         self._cache: dict[tuple[int, int], tuple[nn.Module, Any]] = {}
 
-    def get(self, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
-        key = (num_labels, seed)
+    def get(self, task, seed: int) -> tuple[nn.Module, Any]:
+        """A fresh copy of the base for `task` (a ``tasks.Task``); generation models have no head,
+        so one copy serves every seed."""
+        key = (task.kind, task.num_labels, 0 if task.generative else seed)
         if key not in self._cache:
-            self._cache[key] = load_model(self.name, num_labels, seed)
+            self._cache[key] = load_model(self.name, task.num_labels, seed, task.kind)
         model, tok = self._cache[key]
         return copy.deepcopy(model), tok

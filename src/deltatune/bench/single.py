@@ -2,7 +2,8 @@
 
 ``train`` saves what it trained into OUT: the delta(s) in deltatune's format (only their tensors),
 or for ``full`` fine-tuning the whole model (``save_pretrained``), plus ``train_result.json`` (the
-run's record: metrics, curve, budget, model and task) that ``eval`` reads for its defaults.
+run's record: metrics, curve, budget, model and task) that ``eval`` and ``generate`` read for
+their defaults (the task, hence its prompt template; the base model; the generation settings).
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.state import CONFIG_FILE, INDEX_FILE, atomic_write
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import Checkpointer
 from .data import by_length, dev_indices, encode, pad_id
-from .loop import accelerator, score_model
+from .genscore import LOSS_BATCH, GenScorer, gen_dev
+from .loop import ClassScorer, accelerator, score_model
 from .methods import parse_method
-from .models import is_tiny, load_model, load_tiny, max_positions
+from .models import GEN_CLASSES, is_tiny, load_model, max_positions
 from .suite import Runner, SuiteConfig
 from .tasks import parse_task
 
@@ -45,6 +47,9 @@ def train_one(cfg: SuiteConfig, task_spec: str, method: str, seed: int, out: str
     with tqdm(total=cfg.budget.steps, desc=f"{spec.label} {task.name}", disable=runner.quiet()) as bar:
         record, built = runner.train(task, spec, seed, progress=bar, ckpt=ckpt)
     record = {**runner.base_record(task, spec, seed, key), "status": "ok", **record}
+    if task.generative:  # how `generate` renders a prompt for this delta
+        record["chat"] = bool(task.read("train", cfg.data_dir).prompts and
+                              isinstance(task.read("train", cfg.data_dir).prompts[0], list))
     if runner.acc.is_main_process:
         root = Path(out)
         if built.delta is not None:
@@ -65,30 +70,33 @@ def read_result(path: Path) -> dict[str, Any]:
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
-def load_saved(path: Path, model: str | None, num_labels: int):
+def load_saved(path: Path, model: str | None, task):
     """(model, tokenizer) for a saved delta (onto its base) or a saved fully fine-tuned model."""
     if (path / CONFIG_FILE).exists() or (path / INDEX_FILE).exists():
         from ..core.state import load
 
-        base, tok = load_model(model, num_labels, seed=0)
+        base, tok = load_model(model, task.num_labels, seed=0, kind=task.kind)
         return load(base, path), tok
     if (path / "config.json").exists():
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        import transformers
         from transformers.utils import logging
 
         logging.disable_progress_bar()
-        net = AutoModelForSequenceClassification.from_pretrained(path)
+        cls = GEN_CLASSES.get(task.kind, "AutoModelForSequenceClassification")
+        net = getattr(transformers, cls).from_pretrained(path)
         if is_tiny(model):
-            return net, load_tiny(model, num_labels, 0)[1]
+            return net, load_model(model, task.num_labels, 0, task.kind)[1]
         has_tok = any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
-        return net, (AutoTokenizer.from_pretrained(path) if has_tok else load_model(model, num_labels)[1])
+        tok = (transformers.AutoTokenizer.from_pretrained(path) if has_tok
+               else load_model(model, task.num_labels, 0, task.kind)[1])
+        if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
+            tok.pad_token = tok.eos_token
+        return net, tok
     raise CheckpointError(f"{path} holds neither a saved delta ({CONFIG_FILE}) nor a model (config.json).")
 
 
-def eval_saved(path: str, task_spec: str | None = None, model: str | None = None, dev_size: int = 0,
-               max_length: int | None = None, batch_size: int = 64, device: str = "auto",
-               mixed_precision: str = "no", data_dir: str | None = None) -> dict[str, Any]:
-    """Score a saved delta or model on a task's dev split; returns {task, metric, metrics, n}."""
+def _saved(path: str, task_spec: str | None, model: str | None):
+    """(root, task, model name, train_result info) of a directory written by `train`."""
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"{root} does not exist.")
@@ -96,20 +104,67 @@ def eval_saved(path: str, task_spec: str | None = None, model: str | None = None
     task_spec = task_spec or info.get("task_spec") or info.get("task")
     if not task_spec:
         raise CheckpointError(f"{root} has no {RESULT_FILE}: pass --task.")
-    task = parse_task(task_spec)
-    model = model or _model_arg(info.get("model"))
-    net, tok = load_saved(root, model, task.num_labels)
-    length = max_length or info.get("budget", {}).get("max_length", 128)
+    return root, parse_task(task_spec), model or _model_arg(info.get("model")), info
+
+
+def eval_saved(path: str, task_spec: str | None = None, model: str | None = None, dev_size: int = 0,
+               max_length: int | None = None, batch_size: int = 64, device: str = "auto",
+               mixed_precision: str = "no", data_dir: str | None = None, max_new_tokens: int | None = None,
+               num_beams: int | None = None, predictions: str | None = None) -> dict[str, Any]:
+    """Score a saved delta or model on a task's dev split; returns {task, metric, metrics, n}.
+    Generation tasks: dev loss / perplexity and generations scored against every reference
+    (``predictions``: write them to this JSON-lines file)."""
+    root, task, model, info = _saved(path, task_spec, model)
+    budget = info.get("budget", {})
+    net, tok = load_saved(root, model, task)
+    length = max_length or budget.get("max_length", 128)
     length = min(length, max_positions(net) or length)
     dev = task.read("dev", data_dir)
-    data = by_length(encode(tok, dev.subset(dev_indices(len(dev), dev_size)), length, task.regression))
-    metrics = score_model(net, data, task, batch_size, pad_id(tok), accelerator(device, mixed_precision))
-    return {"task": task.name, "metric": task.metric, "metrics": metrics, "n": len(data),
-            "path": str(root), "model": model or info.get("model")}
+    acc = accelerator(device, mixed_precision)
+    if task.generative:
+        gdev = gen_dev(tok, task, dev, dev_size, length)
+        scorer = GenScorer(gdev, task, tok, pad_id(tok), max_new_tokens or budget.get("max_new_tokens", 64),
+                           num_beams or budget.get("num_beams", 1), min(batch_size, LOSS_BATCH))
+        n = len(gdev)
+    else:
+        data = by_length(encode(tok, dev.subset(dev_indices(len(dev), dev_size)), length, task.regression))
+        scorer, n = ClassScorer(data, task, pad_id(tok), batch_size), len(data)
+    metrics = score_model(net, scorer, acc)
+    out = {"task": task.name, "metric": task.metric, "metrics": metrics, "n": n,
+           "path": str(root), "model": model or info.get("model")}
+    if task.generative:
+        out["data"] = {k: v for k, v in gdev.notes.items() if v}
+        if predictions:
+            rows = [{"input": i, "output": o, "references": r}
+                    for i, o, r in zip(gdev.inputs, scorer.outputs, gdev.references)]
+            atomic_write(Path(predictions), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return out
+
+
+def generate_saved(path: str, prompts: list[str], model: str | None = None, max_new_tokens: int = 64,
+                   num_beams: int = 1, raw: bool = False, task_spec: str | None = None,
+                   device: str = "auto") -> list[str]:
+    """Completions of a saved delta (or model) for `prompts`, rendered as in training: the task's
+    template around each prompt (a user turn through the chat template for chat tasks), unless ``raw``."""
+    from .gendata import render_prompt
+    from .generation import generate_texts
+    from .genscore import cut_at
+
+    root, task, model, info = _saved(path, task_spec, model)
+    if not task.generative:
+        raise ConfigError(f"{root} was trained on {task.name}, a {task.kind} task: generate needs a model "
+                          f"trained on a causal-LM or seq2seq task (deltatune eval scores classifiers).")
+    net, tok = load_saved(root, model, task)
+    net.to(accelerator(device).device)
+    chat = bool(info.get("chat")) and not raw
+    inputs = [[{"role": "user", "content": p}] if chat else (p if raw else render_prompt(task, p)) for p in prompts]
+    if chat:
+        inputs = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in inputs]
+    texts = generate_texts(net, tok, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    return [cut_at(t, None if raw else task.stop) for t in texts]
 
 
 def _model_arg(label: str | None) -> str | None:
     from ..models import DEFAULT_MODEL
 
     return None if label in (None, DEFAULT_MODEL) else label
-

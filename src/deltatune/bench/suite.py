@@ -21,12 +21,15 @@ import torch
 from accelerate.utils import set_seed
 
 from . import report
-from .data import by_length, dev_indices, encode, group_by_length, pad_id, reorder, train_indices
-from .loop import Budget, accelerator, score_model, train_run
+from ..errors import ConfigError
+from .data import by_length, dev_indices, encode, group_by_length, pad_id, train_indices
+from .gendata import check_packing, encode_gen, pack
+from .genscore import LOSS_BATCH, GenScorer, gen_dev
+from .loop import Budget, ClassScorer, accelerator, score_model, train_run
 from .measure import environment
 from .methods import MethodSpec, build, count_trainable, default_methods, parse_method
 from .models import ModelCache, max_positions, model_label
-from .tasks import Task, parse_task, verify_glue
+from .tasks import Task, parse_task, verify_files, verify_glue
 
 DEFAULT_TASKS = ("SST-2", "RTE")
 
@@ -68,6 +71,7 @@ class Runner:
         self.acc = accelerator(cfg.device, cfg.mixed_precision)
         self.models = ModelCache(cfg.model)
         self._data: dict[tuple[Any, ...], Any] = {}
+        self.notes: dict[str, dict[str, dict[str, int]]] = {}  # task -> split -> counted data changes
         self.env = environment(self.acc.device, self.acc.num_processes, cfg.mixed_precision)
 
     def quiet(self) -> bool:
@@ -75,7 +79,7 @@ class Runner:
 
     def key(self, task: Task, spec: MethodSpec, seed: int) -> str:
         ident = {"model": model_label(self.cfg.model), "task": task.name, "task_source": task.source,
-                 "method": spec.label, "seed": seed, "budget": self.cfg.budget.to_dict(),
+                 "method": spec.label, "seed": seed, "budget": self.cfg.budget.to_dict(task.generative),
                  "lr": self.cfg.lr, "head_lr": self.cfg.head_lr, "device": self.acc.device.type,
                  "precision": self.cfg.mixed_precision, "processes": self.acc.num_processes}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
@@ -83,34 +87,61 @@ class Runner:
     def base_record(self, task: Task, spec: MethodSpec, seed: int, key: str) -> dict[str, Any]:
         return {"key": key, "task": task.name, "task_spec": task.extra.get("spec", task.name),
                 "metric_name": task.metric, "method": spec.label, "seed": seed,
-                "model": model_label(self.cfg.model), "budget": self.cfg.budget.to_dict(),
+                "model": model_label(self.cfg.model), "budget": self.cfg.budget.to_dict(task.generative),
+                "kind": task.kind,
                 "lr": self.cfg.lr, "head_lr": self.cfg.head_lr, "environment": self.env,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def data(self, task: Task, seed: int, tokenizer, model):
+        """(train examples, dev scorer), tokenised once per task (and seed for train)."""
         b = self.cfg.budget
         length = min(b.max_length, max_positions(model) or b.max_length)
+        pad = pad_id(tokenizer)
         if ("dev", task.name) not in self._data:
             dev = task.read("dev", self.cfg.data_dir)
-            idx = dev_indices(len(dev), b.dev_size)
-            self._data[("dev", task.name)] = by_length(encode(tokenizer, dev.subset(idx), length, task.regression))
+            if task.generative:
+                gdev = gen_dev(tokenizer, task, dev, b.dev_size, length)
+                scorer = GenScorer(gdev, task, tokenizer, pad, b.max_new_tokens, b.num_beams,
+                                   min(b.eval_batch_size, LOSS_BATCH))
+                self._report_notes(task, "dev", gdev.notes)
+            else:
+                idx = dev_indices(len(dev), b.dev_size)
+                scorer = ClassScorer(by_length(encode(tokenizer, dev.subset(idx), length, task.regression)),
+                                     task, pad, b.eval_batch_size)
+            self._data[("dev", task.name)] = scorer
         tkey = ("train", task.name, seed)
         if tkey not in self._data:
             train = task.read("train", self.cfg.data_dir)
-            idx = train_indices(len(train), b.steps, b.batch_size * self.acc.num_processes, seed)
-            data = encode(tokenizer, train.subset(idx), length, task.regression)
-            if b.group_by_length:
-                lengths = [len(f["input_ids"]) for f in data.features]
-                data = reorder(data, group_by_length(lengths, b.batch_size * self.acc.num_processes, seed))
+            rows = b.batch_size * self.acc.num_processes
+            if task.generative and b.pack:
+                if task.kind != "causal_lm":
+                    raise ConfigError(f"packing is for causal-LM tasks; {task.name} is {task.kind}: turn it off.")
+                data = pack(encode_gen(tokenizer, task, train, length, b.loss_on_prompt), b.steps * rows, length, seed)
+            else:
+                sub = train.subset(train_indices(len(train), b.steps, rows, seed))
+                data = (encode_gen(tokenizer, task, sub, length, b.loss_on_prompt) if task.generative
+                        else encode(tokenizer, sub, length, task.regression))
+                if b.group_by_length:
+                    lengths = [len(f["input_ids"]) for f in data.features]
+                    data = data.reorder(group_by_length(lengths, rows, seed))
+            if task.generative:
+                self._report_notes(task, "train", data.notes)
             self._data[tkey] = data
         return self._data[tkey], self._data[("dev", task.name)]
 
-    def start_score(self, task: Task, seed: int, model, tokenizer, dev) -> dict[str, float]:
+    def _report_notes(self, task: Task, split: str, notes: dict[str, int]) -> None:
+        """Counted changes to the data (truncations, skipped rows): logged, and kept for the record."""
+        notes = {k: v for k, v in notes.items() if v}
+        self.notes.setdefault(task.name, {})[split] = notes
+        if notes:
+            log(f"{task.name} {split}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in notes.items())
+                + f" (max length {self.cfg.budget.max_length})", self.quiet())
+
+    def start_score(self, task: Task, seed: int, model, tokenizer, scorer) -> dict[str, float]:
         """Dev metrics of the untrained model (base + fresh head): step 0 of every curve."""
-        key = ("start", task.name, seed)
+        key = ("start", task.name, 0 if task.generative else seed)
         if key not in self._data:
-            self._data[key] = score_model(copy.deepcopy(model), dev, task, self.cfg.budget.eval_batch_size,
-                                            pad_id(tokenizer), self.acc)
+            self._data[key] = score_model(copy.deepcopy(model), scorer, self.acc)
         return self._data[key]
 
     def cell(self, task: Task, spec: MethodSpec, seed: int, progress=None) -> dict[str, Any]:
@@ -124,13 +155,15 @@ class Runner:
         ``ckpt``: a ``checkpoint.Checkpointer`` (checkpoint along the way, resume from it).
         ``monitor``: see ``loop.train_run``."""
         set_seed(seed)
-        model, tok = self.models.get(task.num_labels, seed)
-        train, dev = self.data(task, seed, tok, model)
-        start = self.start_score(task, seed, model, tok, dev)
+        model, tok = self.models.get(task, seed)
+        train, scorer = self.data(task, seed, tok, model)
+        start = self.start_score(task, seed, model, tok, scorer)
         set_seed(seed)  # deltas initialise from the seed, whatever loading consumed
         built = build(spec, model, self.cfg.budget.steps, self.cfg.lr, self.cfg.head_lr)
         built.tokenizer = tok
-        result = train_run(built.model, built.groups, task, train, dev, self.cfg.budget, pad_id(tok),
+        if getattr(train, "packed", False):
+            check_packing(built.model, pad_id(tok))
+        result = train_run(built.model, built.groups, task, train, scorer, self.cfg.budget, pad_id(tok),
                            self.acc, delta=built.delta, progress=progress, start=start, ckpt=ckpt,
                            monitor=monitor, regroup=built.regroup)
         if built.delta is not None:  # a sparse switch changes what is trained and stored
@@ -141,7 +174,11 @@ class Runner:
                                           "comm_bytes_per_step")}
         eff.update(trainable=built.trainable, base_params=built.base_params, delta_bytes=delta_bytes(built),
                    trainable_percent=100.0 * built.trainable / max(built.base_params, 1))
-        return {**result, "efficiency": eff, "configs": built.configs}, built
+        extra = {"data": self.notes.get(task.name, {})} if task.generative else {}
+        if task.generative:
+            extra["samples"] = [{"input": i, "output": o, "references": r[:3]} for i, o, r in
+                                zip(scorer.dev.inputs[:5], scorer.outputs[:5], scorer.dev.references[:5])]
+        return {**result, "efficiency": eff, "configs": built.configs, **extra}, built
 
 
 def delta_bytes(built) -> int:
@@ -222,9 +259,10 @@ def write_reports(records: list[dict[str, Any]], methods: list[str], tasks: list
 
 def _check_data(tasks: list[Task], data_dir: str | None, quiet: bool) -> None:
     glue = [t.name for t in tasks if t.extra.get("glue")]
-    if not glue:
-        return
-    bad = [f for f, ok in verify_glue(glue, data_dir).items() if not ok]
+    bad = [f for f, ok in verify_glue(glue, data_dir).items() if not ok] if glue else []
+    for t in tasks:
+        if "checksums" in t.extra:  # a shipped data set with its own SHA256SUMS (E2E)
+            bad += [f"{t.name}/{f}" for f, ok in verify_files(t.extra["checksums"](data_dir)).items() if not ok]
     if bad:
         log(f"WARNING: {', '.join(bad)} differ from SHA256SUMS: results are not comparable to "
-            f"runs on the original GLUE files.", quiet)
+            f"runs on the original files.", quiet)

@@ -41,10 +41,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rec, indent=2, sort_keys=True))
         return 0
+    from ..bench.metrics import format_scores
+
     eff = rec["efficiency"]
-    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in rec["metrics"].items())
-    print(f"{rec['method']} on {rec['task']}: {scores} (dev, x100); best {100 * rec['convergence']['best']:.2f} "
-          f"at step {rec['convergence']['best_step']}")
+    print(f"{rec['method']} on {rec['task']}: {format_scores(rec['metrics'])} (dev; scores x100); best "
+          f"{rec['metric_name']} {100 * rec['convergence']['best']:.2f} at step {rec['convergence']['best_step']}")
+    for split, notes in rec.get("data", {}).items():
+        for k, v in notes.items():
+            print(f"note: {split}: {v} {k.replace('_', ' ')}")
     print(f"{eff['trainable']:,} trainable parameters ({eff['trainable_percent']:.3g}%), "
           f"{1000 * eff['step_time_median']:.0f} ms/step; saved ({rec['saved']}) to {args.out}")
     return 0

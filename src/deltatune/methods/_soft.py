@@ -86,6 +86,19 @@ def past_length(cache: Any) -> int:
     return 0
 
 
+def without_outputs(out: Any, names: tuple[str, ...]) -> Any:
+    """`out` without the items `names`, as if the model had never set them.
+
+    A ``ModelOutput`` item set to None still counts as present (``"cache" in out``), and
+    ``generate`` then hands that None back as the cache (beam search fails to reorder it), so the
+    output is rebuilt without them.
+    """
+    if not isinstance(out, dict) or not any(k in out for k in names):
+        return out
+    kept = {k: v for k, v in out.items() if k not in names}
+    return kept if type(out) is dict else type(out)(**kept)
+
+
 def insert_cols(t: torch.Tensor, k: int, block: torch.Tensor) -> torch.Tensor:
     """`block` inserted before column `k` of `t` (dimension 1)."""
     return torch.cat([t[:, :k], block.to(t.dtype), t[:, k:]], dim=1)

@@ -26,7 +26,9 @@ from .adapter import AdapterConfig, AdapterDelta, Bottleneck
 
 @dataclass
 class CompacterConfig(AdapterConfig):
-    """n: number of Kronecker summands (hidden and bottleneck sizes must be divisible by it).
+    """n: number of Kronecker summands (hidden and bottleneck sizes must be divisible by it; a
+    bottleneck from ``reduction_factor`` is rounded down to a multiple of n, and is at least n,
+    e.g. 576 // 32 = 18 -> 16 on SmolLM2-135M; an explicit ``bottleneck`` is used as given).
     rank: rank of the fast factors (1 in the paper)."""
 
     reduction_factor: float = 32.0
@@ -38,6 +40,12 @@ class CompacterConfig(AdapterConfig):
         super().validate()
         self.check_range("n", 1, integer=True)
         self.check_range("rank", 1, integer=True)
+
+    def bottleneck_size(self, dim: int) -> int:
+        if self.bottleneck is not None:
+            return self.bottleneck
+        size = int(dim // self.reduction_factor)
+        return max(self.n, size - size % self.n)
 
     @classmethod
     def plus_plus(cls, **fields: Any) -> CompacterConfig:

@@ -15,6 +15,11 @@ backbone activation for backward (LST's memory saving). Layers: a root layer tha
 attention mask, a tap on every block (``targets`` / ``layers`` choose them, default every
 encoder block), and the side network on the ``backbone_out`` module (its output is the last
 hidden states). BERT-family encoders (role table rows with ``block`` and ``backbone_out``).
+
+Decoders (GPT-2, Llama, ...) and encoder-decoders (T5) are refused when the delta is built: the
+side attention is bidirectional and keeps no KV cache, so on a language model it would read the
+tokens it must predict while training, and a cached generation step would run the side network
+on the new token alone.
 """
 from __future__ import annotations
 
@@ -158,6 +163,7 @@ class LSTDelta(Delta):
     default_roles = ("block",)
 
     def build(self, model: nn.Module) -> None:
+        self._check_supported(model)
         blocks = self.targets(model)
         outs = select(model, arch.role_patterns(model, ("backbone_out",), "lst"), method="lst")
         if len(outs) != 1:
@@ -172,6 +178,32 @@ class LSTDelta(Delta):
         side = SideNetwork(ladder, hidden, len(blocks), self.config, heads)
         ref = next(model.parameters())
         self.add_layer(outs[0][0], side.to(device=ref.device, dtype=ref.dtype))
+
+    def _check_supported(self, model: nn.Module) -> None:
+        cfg = getattr(model, "config", None)
+        name = type(model).__name__
+        can_generate = getattr(model, "can_generate", None)
+        encdec = bool(getattr(cfg, "is_encoder_decoder", False))
+        if encdec or getattr(cfg, "is_decoder", False) or (callable(can_generate) and can_generate()):
+            raise TargetError(
+                f"lst supports BERT-family encoders only, not the {'encoder-decoder' if encdec else 'decoder'} "
+                f"{name}: its side network attends in both directions and keeps no KV cache, so on a "
+                f"decoder it would read the tokens it must predict while training and could not "
+                f"generate step by step. Use 'lora' or 'adapter' on this model."
+            )
+        mtype = arch.model_type(model)
+        roles = arch.ARCHITECTURES.get(mtype or "", {})
+        missing = [r for r in ("block", "backbone_out") if r not in roles
+                   and (r == "backbone_out" or self.config.targets is None)]
+        if missing:
+            known = sorted(a for a, t in arch.ARCHITECTURES.items() if "block" in t and "backbone_out" in t)
+            raise TargetError(
+                f"lst supports BERT-family encoders only ({', '.join(known)}): architecture "
+                f"{mtype or name!r} has no role {' / '.join(map(repr, missing))} (the transformer "
+                f"blocks the ladders tap, the module giving the last hidden states). Add them with "
+                f"deltatune.core.arch.register_architecture({mtype!r}, {{'block': ..., "
+                f"'backbone_out': ...}}), or use 'lora' or 'adapter' on this model."
+            )
 
     def side_parameters(self) -> int:
         return sum(p.numel() for k, layer in self.layers.items() if isinstance(layer, SideNetwork)

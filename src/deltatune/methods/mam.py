@@ -46,6 +46,9 @@ class MAMConfig(AdapterConfig):
 class MAMDelta(PrefixDelta, AdapterDelta):
     """PrefixDelta's prefix at the model (saving and folding as ``prefix``) + AdapterDelta's sites."""
 
+    encoder_decoder_hint = ("use 'adapter' with placement='parallel' (MAM's adapter half), stacked "
+                            "with 'prompt' for virtual tokens in the encoder input")
+
     def build(self, model: nn.Module) -> None:
         PrefixDelta.build(self, model)
         AdapterDelta.build(self, model)

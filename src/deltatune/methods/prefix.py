@@ -17,7 +17,7 @@ the model computes for n sampled vocabulary tokens (the paper's "real words" ini
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -158,9 +158,8 @@ class PrefixLayer(soft.Foldable):
         if filled is not None and soft.past_length(filled[0]) == filled[1]:
             raise ConfigError(f"{type(module).__name__} ran without reading the prefix from its KV cache. "
                               + _CHECKPOINTING)
-        if filled is not None and filled[2] and not _use_cache(module, kwargs) and isinstance(out, dict):
-            for k in [k for k in out.keys() if k in soft.CACHE_KEYS]:
-                out[k] = None  # the caller asked for no cache: do not hand ours back
+        if filled is not None and filled[2] and not _use_cache(module, kwargs):
+            out = soft.without_outputs(out, soft.CACHE_KEYS)  # the caller asked for no cache
         return out
 
 
@@ -180,11 +179,15 @@ def _use_cache(module: nn.Module, kwargs: dict) -> bool:
 
 
 class PrefixDelta(soft.FoldableDelta):
+    #: what to use instead on an encoder-decoder (composites that reuse this build say their own)
+    encoder_decoder_hint: ClassVar[str] = "use 'prompt' or 'ptuning' (virtual tokens in the encoder input) for it"
+
     def build(self, model: nn.Module) -> None:
         if soft.is_encoder_decoder(model):
             raise TargetError(
-                f"prefix tuning supports encoder-only and decoder-only models, not the encoder-decoder "
-                f"{type(model).__name__}: use 'prompt' or 'ptuning' for it."
+                f"{self.config.method}: prefix tuning supports encoder-only and decoder-only models, not "
+                f"the encoder-decoder {type(model).__name__} (the prefixes enter as a filled KV cache, "
+                f"and its encoder reads none): {self.encoder_decoder_hint}."
             )
         self.add_layer("", PrefixLayer(model, self.config))
 

@@ -138,8 +138,10 @@ class UniPELTDelta(soft.FoldableDelta):
 
     def _build_prefix(self, model: nn.Module) -> None:
         if soft.is_encoder_decoder(model):
-            raise TargetError(f"UniPELT's prefix supports encoder-only and decoder-only models, not "
-                              f"{type(model).__name__}: drop it with components=['lora', 'adapter'].")
+            raise TargetError(f"unipelt: its prefix component supports encoder-only and decoder-only "
+                              f"models, not the encoder-decoder {type(model).__name__} (the prefixes "
+                              f"enter as a filled KV cache, and its encoder reads none): drop it with "
+                              f"components=['lora', 'adapter'].")
         prefix = PrefixLayer(model, self.config.prefix_config())
         self._add_unique("", prefix)
         if self.config.gates:

@@ -129,7 +129,7 @@ def search(task: str = "SST-2", model: str | None = None, time_budget: float = 6
     settings["space"] = [c.label for c in cands]
     runner = Runner(suite_config(settings))
     the_task = carve_dev(parse_task(task), dev_size)
-    base, _ = runner.models.get(the_task.num_labels, seed)
+    base, _ = runner.models.get(the_task, seed)
     layers = num_layers(base)
     if not layers:
         raise ConfigError(f"the model has no numbered layers to place deltas in; the search needs them.")
@@ -191,7 +191,7 @@ class _Objective:
         return spec_of(choices, self.cands, self.layers)
 
     def trainable(self, spec) -> int:
-        model, _ = self.runner.models.get(self.task.num_labels, self.seed)
+        model, _ = self.runner.models.get(self.task, self.seed)
         return build(spec, model, self.runner.cfg.budget.steps).trainable
 
     def __call__(self, trial) -> float:

@@ -12,7 +12,8 @@ Each (method, architecture) cell ends one of two ways, never skipped:
 
 Methods that only combine other trained deltas (``Delta.combiner``, e.g. fusion) are no cells.
 Options: defaults, plus a run length for schedules that need one (AdaLoRA's ``total_step``) and
-``switch_at`` for the sparse methods, so that their one-way switch happens mid-run.
+``switch_at`` for the sparse methods that switch to a compact form to train on (at their
+``switch_fraction`` of the run, as the bench does), so that the switch happens mid-run.
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def make_batch(model) -> dict[str, torch.Tensor]:
 def options(method: str) -> dict:
     fields = {f.name: f for f in dataclasses.fields(get_method(method).config_cls)}
     opts = {n: STEPS for n in SCHEDULE_FIELDS if n in fields and fields[n].default is None}
-    if SWITCH_FIELD in fields:
-        opts[SWITCH_FIELD] = 2
+    fraction = getattr(get_method(method).config_cls, "switch_fraction", None)
+    if SWITCH_FIELD in fields and fraction is not None:  # as the bench sets it: mid-run
+        opts[SWITCH_FIELD] = max(1, round(STEPS * fraction))
     return opts
 
 
@@ -215,6 +217,13 @@ def test_suggested_alternatives_train(case):
         dm.add(name, cfg)
     dm.activate(*names)
     check_trains(dm, model, x, base, identity=identity)
+
+
+def test_compacter_default_bottleneck_fits_n():
+    """hidden // reduction_factor rounded down to a multiple of n (at least n): SmolLM2's 576 -> 16."""
+    assert dt.CompacterConfig().bottleneck_size(576) == 16
+    assert dt.CompacterConfig().bottleneck_size(32) == 4 and dt.CompacterConfig(n=2).bottleneck_size(768) == 24
+    assert dt.CompacterConfig(bottleneck=6).bottleneck_size(576) == 6  # explicit: as given (then refused)
 
 
 def test_tables_name_registered_methods_and_archs():

@@ -6,9 +6,9 @@
 - seq2seq: source ids for the encoder, target ids (+ eos) as labels.
 Too long: a prompt loses tokens from the left (its first token kept when it is the tokenizer's
 bos), the completion keeps its start; both are counted in ``notes``, never silent.
-Packing (optional, causal LM): several examples in one row, positions restarting at 0 for each
-and no attention mask, so that transformers' masks keep them apart (checked on the model, see
-`check_packing`).
+Packing (optional, causal LM): several examples in one row, positions restarting at 0 for each,
+no attention mask and no cache, so that transformers' masks keep them apart (checked on the
+model and its deltas before training, see `check_packing`).
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ class LMCollator:
                 out[key] = torch.tensor([it[key] + list(range(width - len(it[key]))) for it in items])
             else:
                 out[key] = torch.tensor([it[key] + [fills[key]] * (width - len(it[key])) for it in items])
-        if "position_ids" not in out and "attention_mask" not in out:
+        if "position_ids" in out:
+            out["use_cache"] = False  # transformers separates packed examples only without a cache
+        else:
             out["attention_mask"] = torch.tensor([[1] * len(it["input_ids"]) + [0] * (width - len(it["input_ids"]))
                                                   for it in items])
         return out
@@ -227,13 +229,14 @@ def check_packing(model, pad: int, length: int = 6) -> None:
     """Two examples packed in one row must give the logits each gives alone; else the model (or
     a delta on it) lets packed examples attend to each other, and packing is refused."""
     vocab = model.config.vocab_size if hasattr(model, "config") else 100
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randint(3, max(vocab, 4), (1, length), generator=g) for _ in range(2))
-    pos = torch.arange(length).repeat(2)[None]
+    a, b = (torch.randint(3, max(vocab, 4), (1, length), generator=g).to(device) for _ in range(2))
+    pos = torch.arange(length, device=device).repeat(2)[None]
     was = model.training
     model.eval()
     try:
-        packed = model(input_ids=torch.cat([a, b], 1), position_ids=pos).logits
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).logits
         alone = torch.cat([model(input_ids=x, attention_mask=torch.ones_like(x)).logits for x in (a, b)], 1)
     finally:
         model.train(was)

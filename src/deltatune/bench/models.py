@@ -110,7 +110,8 @@ def load_generator(name: str | None, kind: str) -> tuple[nn.Module, Any]:
         check_generator(arch, kind, name, [])
         from ..models import tiny_tokenizer
 
-        longer = {"n_positions": 512} if arch == "gpt2" else {} if arch == "t5" else {"max_position_embeddings": 512}
+        # longer contexts for byte-level ids; T5's eos is the tokenizer's </s> (its config says 1)
+        longer = {"gpt2": {"n_positions": 512}, "t5": {"eos_token_id": 2}}.get(arch, {"max_position_embeddings": 512})
         return tiny_model(arch, task="lm", seed=0, vocab_size=TINY_VOCAB, **longer), tiny_tokenizer()
     import transformers
     from transformers.utils import logging

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .metrics import SHORT
+from .metrics import SHORT, UNSCALED
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.md"
@@ -149,6 +149,31 @@ def convergence_table(methods: list[str], tasks: list[tuple[str, str]], groups) 
     return lines
 
 
+def generative_tasks(records: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["task"] for r in records if r.get("kind") in ("causal_lm", "seq2seq")))
+
+
+GEN_COLUMNS = ("bleu", "rougeL", "exact_match", "loss", "perplexity")
+
+
+def generation_table(methods: list[str], task: str, groups) -> list[str]:
+    """Every generation metric of the last evaluation, and step 0's (the untrained model)."""
+    head = ["Method", *(SHORT[c] for c in GEN_COLUMNS), "untrained BLEU / loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        rs = groups.get((method, task), [])
+        if not rs:
+            continue
+        cells = []
+        for c in GEN_COLUMNS:
+            mean, std = _mean_std([r["metrics"][c] for r in rs])
+            cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "") if c in UNSCALED
+                         else _pct(mean, std))
+        start = rs[0]["curve"][0]["metrics"]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {_pct(start['bleu'])} / {start['loss']:.3f} |")
+    return lines
+
+
 def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[str, str]],
                      title: str = "deltatune bench") -> str:
     groups = grouped(records)
@@ -170,6 +195,9 @@ def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: l
     lines += ["", "Peak memory: " + _mem_note(ok), ""]
     lines += ["## Convergence (dev metric: best, then steps / training seconds to 90% of the gain "
               "from step 0 to the best)", ""] + convergence_table(methods, tasks, groups)
+    for task in generative_tasks(ok):
+        lines += ["", f"## Generation: {task} (dev; scores x100, loss per completion token)", ""]
+        lines += generation_table(methods, task, groups)
     if failed:
         lines += ["", "## Runs that failed", ""]
         lines += [f"- `{m}` on {t}: {err}" for (m, t), err in failed.items() if (m, t) not in groups]
@@ -201,6 +229,9 @@ def plots(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[s
     files = [_curves(groups, methods, tasks, out / "curves.png"),
              _tradeoff(groups, methods, tasks, out / "tradeoff.png"),
              _efficiency(groups, methods, out / "efficiency.png")]
+    gen = generative_tasks([r for rs in groups.values() for r in rs])
+    if gen:
+        files.append(_loss_curves(groups, methods, gen, out / "loss_curves.png"))
     return [f for f in files if f is not None]
 
 
@@ -218,6 +249,30 @@ def _curves(groups, methods, tasks, path: Path) -> Path:
             ax.plot(steps, ys, marker="o", ms=3, label=method)
         ax.set(title=task, xlabel="training step", ylabel=f"dev {SHORT[metric]} (x100)")
         ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)
+
+
+def _loss_curves(groups, methods, tasks: list[str], path: Path) -> Path:
+    """Generation tasks: the training loss per step and the dev loss at each evaluation."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.0 * len(tasks)), squeeze=False)
+    for (ax_train, ax_dev), task in zip(axes, tasks):
+        for method in methods:
+            rs = groups.get((method, task))
+            if not rs:
+                continue
+            n = min(len(r["loss"]) for r in rs)
+            ax_train.plot(range(1, n + 1), [statistics.fmean(r["loss"][i] for r in rs) for i in range(n)],
+                          lw=1, label=method)
+            steps = [c["step"] for c in rs[0]["curve"]]
+            ax_dev.plot(steps, [statistics.fmean(r["curve"][i]["metrics"]["loss"] for r in rs)
+                                for i in range(len(steps))], marker="o", ms=3, label=method)
+        ax_train.set(title=f"{task}: training loss", xlabel="training step", ylabel="loss")
+        ax_dev.set(title=f"{task}: dev loss per completion token", xlabel="training step", ylabel="loss")
+        for ax in (ax_train, ax_dev):
+            ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path)
 

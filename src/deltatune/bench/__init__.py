@@ -3,12 +3,12 @@ convergence and efficiency the way the delta-tuning literature does (``deltatune
 from __future__ import annotations
 
 from .loop import Budget
-from .methods import DEFAULT_LR, FALLBACK_LR, MethodSpec, default_methods, parse_method
+from .methods import FULL_LR, MethodSpec, default_methods, parse_method
 from .suite import DEFAULT_TASKS, SuiteConfig, run_suite
-from .tasks import Examples, Task, available_tasks, file_task, get_task, parse_task, register_task, verify_glue
+from .tasks import Examples, GenExamples, Task, available_tasks, file_task, get_task, parse_task, register_task, verify_glue
 
 __all__ = [
-    "Budget", "DEFAULT_LR", "DEFAULT_TASKS", "Examples", "FALLBACK_LR", "MethodSpec", "SuiteConfig",
+    "Budget", "DEFAULT_TASKS", "Examples", "FULL_LR", "GenExamples", "MethodSpec", "SuiteConfig",
     "Task", "available_tasks", "default_methods", "file_task", "get_task", "parse_method",
     "parse_task", "register_task", "run_suite", "verify_glue",
 ]

@@ -5,13 +5,13 @@ Spec syntax (CLI ``--methods``): ``NAME[:key=value,...][+NAME[:...]]``, e.g. ``l
 Values parse as JSON where they can (``8``, ``0.1``, ``true``, ``["query","value"]``); ``[a,b]`` is
 a list of strings; anything else is a string.
 
-Learning rates: ``DEFAULT_LR`` below, per method, tuned for short runs; methods not listed get
-``FALLBACK_LR``. A config field named ``total_steps`` (or peft's ``total_step``, AdaLoRA's) left at None is set to the run's number of
-steps (for methods with training schedules, e.g. rank budgets or pruning phases).
+Learning rates: each method registers its own, tuned for short runs (``register(..., lr=...)``);
+full fine-tuning uses ``FULL_LR``. Fields whose value follows from the run's length (AdaLoRA's
+``total_step``, the sparse methods' ``switch_at``) come from the config's ``run_length_fields``
+when left at None. The bench names no method's fields.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,23 +25,9 @@ from ..core.registry import available_methods, config_from_dict, get_method
 from ..errors import ConfigError
 
 FULL = "full"
-FALLBACK_LR = 3e-3
-# Per-method learning rates for the quick suite's short runs (AdamW, 10% warm-up, linear decay).
-# Where a paper gives a range, these sit at its top or above: the budget is tens of steps, not
-# epochs. Methods not listed get FALLBACK_LR; override per run with `--methods NAME:lr=...`.
-DEFAULT_LR: dict[str, float] = {
-    FULL: 2e-4,
-    "lora": 5e-3, "bitfit": 5e-3, "layernorm": 5e-3, "partial": 5e-4,
-    "adapter": 5e-3, "compacter": 5e-3, "fusion": 1e-3,
-    "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2,
-    "ia3": 1e-2, "vera": 2e-2, "loha": 5e-3, "lokr": 5e-3, "adalora": 5e-3,
-    "diff_pruning": 5e-3, "lt_sft": 5e-4, "mask": 5e-3, "sparse_adapter": 5e-3,
-    "mam": 5e-4, "unipelt": 1e-3, "adamix": 5e-3, "lst": 5e-3,
-}
+FULL_LR = 2e-4  # full fine-tuning; a method's own rate comes from its registration (register(lr=...))
 # Combinations the default suite adds when all their parts are registered (papers' pairings).
 DEFAULT_COMBOS: tuple[str, ...] = ("lora+bitfit", "prompt+adapter")
-SCHEDULE_FIELDS = ("total_steps", "total_step")
-SWITCH_FIELD = "switch_at"  # sparse methods' one-way switch, at their switch_fraction of the run
 
 
 @dataclass(frozen=True)
@@ -52,7 +38,9 @@ class Component:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, FALLBACK_LR)
+        if self.lr is not None:
+            return self.lr
+        return FULL_LR if self.method == FULL else get_method(self.method).lr
 
 
 @dataclass(frozen=True)
@@ -155,14 +143,9 @@ def component_config(comp: Component, index: int, steps: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {"method": comp.method, **comp.options}
     if index > 0 and "modules_to_save" not in cfg:
         cfg["modules_to_save"] = []  # the first delta trains the task head
-    config_cls = get_method(comp.method).config_cls
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    for name in fields.intersection(SCHEDULE_FIELDS):
+    for name, value in get_method(comp.method).config_cls.run_length_fields(steps).items():
         if cfg.get(name) is None:
-            cfg[name] = steps
-    fraction = getattr(config_cls, "switch_fraction", None)
-    if SWITCH_FIELD in fields and cfg.get(SWITCH_FIELD) is None and fraction is not None:
-        cfg[SWITCH_FIELD] = max(1, round(steps * fraction))
+            cfg[name] = value
     return config_from_dict(cfg).to_dict()
 
 

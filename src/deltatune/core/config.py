@@ -82,6 +82,12 @@ class DeltaConfig:
         if value not in choices:
             self._fail(name, value, f"one of {', '.join(map(repr, choices))}")
 
+    @classmethod
+    def run_length_fields(cls, steps: int) -> dict[str, Any]:
+        """Fields whose value follows from the run's length (a schedule's total, a one-way switch),
+        for a run of `steps` optimizer steps; a training harness fills those left at None."""
+        return {}
+
     # -- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}

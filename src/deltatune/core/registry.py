@@ -23,6 +23,7 @@ class MethodSpec:
     delta_cls: type[Delta]
     family: str
     paper: str
+    lr: float = 3e-3  # AdamW learning rate for short benchmark runs (the bench's default for it)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -30,14 +31,16 @@ _loaded = False
 
 
 def register(name: str, config_cls: type[DeltaConfig], delta_cls: type[Delta], *,
-             family: str, paper: str = "") -> None:
+             family: str, paper: str = "", lr: float = 3e-3) -> None:
+    """Make a method known by `name`. ``lr``: its learning rate for short runs (AdamW, warm-up then
+    linear decay), which the bench uses unless a run gives one."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} must be one of {FAMILIES}")
     if name in _REGISTRY and _REGISTRY[name].delta_cls is not delta_cls:
         raise ValueError(f"method {name!r} is already registered")
     config_cls.method = name
     delta_cls.config_cls = config_cls
-    _REGISTRY[name] = MethodSpec(name, config_cls, delta_cls, family, paper)
+    _REGISTRY[name] = MethodSpec(name, config_cls, delta_cls, family, paper, lr)
 
 
 def _load_builtin() -> None:

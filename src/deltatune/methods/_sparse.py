@@ -433,11 +433,15 @@ class SparseConfig(DeltaConfig):
     them, e.g. weight and bias). Targets default to every linear layer of the blocks.
     switch_at: ``dm.step(switch_at - 1)`` (after that many optimizer steps) runs the method's
     one-way switch (``finalize()`` / ``start_phase2()``) by itself and bumps ``param_version``;
-    None: call it yourself. The bench sets it to ``switch_fraction`` of the run."""
+    None: call it yourself. A harness sets it to ``switch_fraction`` of the run."""
 
     params: list[str] | None = None
     switch_at: int | None = None
-    switch_fraction: ClassVar[float | None] = 0.5  # not a field: where the bench puts the switch
+    switch_fraction: ClassVar[float | None] = 0.5  # not a field: where a harness puts the switch
+
+    @classmethod
+    def run_length_fields(cls, steps: int) -> dict[str, Any]:
+        return {} if cls.switch_fraction is None else {"switch_at": max(1, round(steps * cls.switch_fraction))}
 
     def validate(self) -> None:
         super().validate()

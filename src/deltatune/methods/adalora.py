@@ -54,6 +54,10 @@ class AdaLoRAConfig(DeltaConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
 
+    @classmethod
+    def run_length_fields(cls, steps: int) -> dict[str, Any]:
+        return {"total_step": steps}
+
     def validate(self) -> None:
         super().validate()
         self.check_range("init_r", 0, low_open=True, integer=True)
@@ -263,4 +267,4 @@ class AdaLoRADelta(Delta):
         self.finalized = bool(state.get("finalized", True))
 
 
-register("adalora", AdaLoRAConfig, AdaLoRADelta, family="reparameterized", paper="Zhang et al. 2023 (AdaLoRA)")
+register("adalora", AdaLoRAConfig, AdaLoRADelta, family="reparameterized", lr=5e-3, paper="Zhang et al. 2023 (AdaLoRA)")

@@ -178,5 +178,5 @@ class AdaMixDelta(AdapterDelta):
             self.merge_experts()
 
 
-register("adamix", AdaMixConfig, AdaMixDelta, family="additive",
+register("adamix", AdaMixConfig, AdaMixDelta, family="additive", lr=5e-3,
          paper="Wang et al. 2022 (AdaMix: mixture of adapters, stochastic routing, weight averaging)")

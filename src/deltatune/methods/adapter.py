@@ -190,5 +190,5 @@ def plain_bottleneck(site: Site, cfg: AdapterConfig) -> Bottleneck:
     return net.to(site.dtype)
 
 
-register("adapter", AdapterConfig, AdapterDelta, family="additive",
+register("adapter", AdapterConfig, AdapterDelta, family="additive", lr=5e-3,
          paper="Houlsby et al. 2019; Pfeiffer et al. 2021 (placement); He et al. 2022 (parallel)")

@@ -45,4 +45,4 @@ class BitFitDelta(PartialDelta):
             )
 
 
-register("bitfit", BitFitConfig, BitFitDelta, family="partial", paper="Ben Zaken et al. 2022")
+register("bitfit", BitFitConfig, BitFitDelta, family="partial", lr=5e-3, paper="Ben Zaken et al. 2022")

@@ -107,5 +107,5 @@ class CompacterDelta(AdapterDelta):
         return PHMLinear(_Shared(self), cfg.n, cfg.rank, d_in, d_out, zero=up)
 
 
-register("compacter", CompacterConfig, CompacterDelta, family="additive",
+register("compacter", CompacterConfig, CompacterDelta, family="additive", lr=5e-3,
          paper="Karimi Mahabadi et al. 2021 (Compacter, Compacter++)")

@@ -118,5 +118,5 @@ class DiffPruningDelta(SparseTargetsDelta):
         return k
 
 
-register("diff_pruning", DiffPruningConfig, DiffPruningDelta, family="partial",
+register("diff_pruning", DiffPruningConfig, DiffPruningDelta, family="partial", lr=5e-3,
          paper="Guo et al. 2021 (Parameter-Efficient Transfer Learning with Diff Pruning)")

@@ -92,5 +92,5 @@ class FusionDelta(Delta):
         return self.config.value_reg * torch.stack(terms).sum()
 
 
-register("fusion", FusionConfig, FusionDelta, family="additive",
+register("fusion", FusionConfig, FusionDelta, family="additive", lr=1e-3,
          paper="Pfeiffer et al. 2021 (AdapterFusion)")

@@ -107,4 +107,4 @@ class IA3Delta(Delta):
         return arch.role_patterns(model, ("ffn_out",), "ia3") if table and "ffn_out" in table else None
 
 
-register("ia3", IA3Config, IA3Delta, family="additive", paper="Liu et al. 2022 (T-Few, (IA)^3)")
+register("ia3", IA3Config, IA3Delta, family="additive", lr=1e-2, paper="Liu et al. 2022 (T-Few, (IA)^3)")

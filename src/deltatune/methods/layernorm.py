@@ -23,5 +23,5 @@ class LayerNormDelta(PartialDelta):
         return norms or arch.role_patterns(model, ("layernorm",), "layernorm")
 
 
-register("layernorm", LayerNormConfig, LayerNormDelta, family="partial",
+register("layernorm", LayerNormConfig, LayerNormDelta, family="partial", lr=5e-3,
          paper="Zhao et al. 2024 (LayerNorm tuning); Qi et al. 2022")

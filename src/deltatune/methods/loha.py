@@ -53,5 +53,5 @@ class LoHaDelta(Delta):
         return LoHaLayer(module, self.config)
 
 
-register("loha", LoHaConfig, LoHaDelta, family="reparameterized",
+register("loha", LoHaConfig, LoHaDelta, family="reparameterized", lr=5e-3,
          paper="Hyeon-Woo et al. 2022 (FedPara); Yeh et al. 2024 (LyCORIS)")

@@ -74,4 +74,4 @@ class LoKrDelta(Delta):
         return LoKrLayer(module, self.config)
 
 
-register("lokr", LoKrConfig, LoKrDelta, family="reparameterized", paper="Yeh et al. 2024 (LyCORIS, LoKr)")
+register("lokr", LoKrConfig, LoKrDelta, family="reparameterized", lr=5e-3, paper="Yeh et al. 2024 (LyCORIS, LoKr)")

@@ -176,5 +176,5 @@ class LoRADelta(Delta):
         return weighted(cls, name, deltas, weights, model, how=how, **options)
 
 
-register("lora", LoRAConfig, LoRADelta, family="reparameterized", paper="Hu et al. 2021 (LoRA); "
+register("lora", LoRAConfig, LoRADelta, family="reparameterized", lr=5e-3, paper="Hu et al. 2021 (LoRA); "
          "Kalajdzievski 2023 (rsLoRA); Liu et al. 2024 (DoRA)")

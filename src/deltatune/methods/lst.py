@@ -210,4 +210,4 @@ class LSTDelta(Delta):
                    for p in layer.parameters())
 
 
-register("lst", LSTConfig, LSTDelta, family="additive", paper="Sung et al. 2022")
+register("lst", LSTConfig, LSTDelta, family="additive", lr=5e-3, paper="Sung et al. 2022")

@@ -90,5 +90,5 @@ class LTSFTDelta(SparseTargetsDelta):
         return self.config.l1 * total / self.target_numel()
 
 
-register("lt_sft", LTSFTConfig, LTSFTDelta, family="partial",
+register("lt_sft", LTSFTConfig, LTSFTDelta, family="partial", lr=5e-4,
          paper="Ansell et al. 2022 (Composable Sparse Fine-Tuning, LT-SFT)")

@@ -54,5 +54,5 @@ class MAMDelta(PrefixDelta, AdapterDelta):
         AdapterDelta.build(self, model)
 
 
-register("mam", MAMConfig, MAMDelta, family="hybrid",
+register("mam", MAMConfig, MAMDelta, family="hybrid", lr=5e-4,
          paper="He et al. 2022 (MAM adapter: prefix tuning + scaled parallel FFN adapter)")

@@ -161,5 +161,5 @@ class MaskDelta(SparseTargetsDelta):
         return kept / self.target_numel()
 
 
-register("mask", MaskConfig, MaskDelta, family="partial",
+register("mask", MaskConfig, MaskDelta, family="partial", lr=5e-3,
          paper="Zhao et al. 2020 (Masking as an Efficient Alternative to Finetuning)")

@@ -76,5 +76,5 @@ class PartialDelta(Delta):
             self.add_layer(path, ParamDiff(model.get_submodule(path), names))
 
 
-register("partial", PartialConfig, PartialDelta, family="partial",
+register("partial", PartialConfig, PartialDelta, family="partial", lr=5e-4,
          paper="Lee et al. 2019 (last layers); Ding et al. 2023 (specification-based)")

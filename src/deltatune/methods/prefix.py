@@ -192,4 +192,4 @@ class PrefixDelta(soft.FoldableDelta):
         self.add_layer("", PrefixLayer(model, self.config))
 
 
-register("prefix", PrefixConfig, PrefixDelta, family="additive", paper="Li & Liang 2021 (prefix tuning)")
+register("prefix", PrefixConfig, PrefixDelta, family="additive", lr=1e-2, paper="Li & Liang 2021 (prefix tuning)")

@@ -54,4 +54,4 @@ class PromptDelta(Delta):
         attach(self, model, lambda host: PromptLayer(model, host, cfg, start))
 
 
-register("prompt", PromptConfig, PromptDelta, family="additive", paper="Lester et al. 2021 (prompt tuning)")
+register("prompt", PromptConfig, PromptDelta, family="additive", lr=3e-2, paper="Lester et al. 2021 (prompt tuning)")

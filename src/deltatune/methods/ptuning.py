@@ -85,5 +85,5 @@ class PTuningDelta(soft.FoldableDelta):
         attach(self, model, lambda host: PTuningLayer(model, host, cfg, start))
 
 
-register("ptuning", PTuningConfig, PTuningDelta, family="additive",
+register("ptuning", PTuningConfig, PTuningDelta, family="additive", lr=1e-2,
          paper="Liu et al. 2021 (P-tuning, GPT Understands, Too)")

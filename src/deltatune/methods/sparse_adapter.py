@@ -173,5 +173,5 @@ class SparseAdapterDelta(AdapterDelta):
             self.pruned = True
 
 
-register("sparse_adapter", SparseAdapterConfig, SparseAdapterDelta, family="hybrid",
+register("sparse_adapter", SparseAdapterConfig, SparseAdapterDelta, family="hybrid", lr=5e-3,
          paper="He et al. 2022 (SparseAdapter)")

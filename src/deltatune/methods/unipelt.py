@@ -158,5 +158,5 @@ class UniPELTDelta(soft.FoldableDelta):
         self.add_layer(path, layer)
 
 
-register("unipelt", UniPELTConfig, UniPELTDelta, family="hybrid",
+register("unipelt", UniPELTConfig, UniPELTDelta, family="hybrid", lr=1e-3,
          paper="Mao et al. 2022 (UniPELT: gated LoRA + prefix tuning + adapter)")

@@ -158,4 +158,4 @@ class VeRADelta(Delta):
             )
 
 
-register("vera", VeRAConfig, VeRADelta, family="reparameterized", paper="Kopiczko et al. 2024 (VeRA)")
+register("vera", VeRAConfig, VeRADelta, family="reparameterized", lr=2e-2, paper="Kopiczko et al. 2024 (VeRA)")

@@ -11,13 +11,11 @@ Each (method, architecture) cell ends one of two ways, never skipped:
     and without the KV cache, its first token being the argmax of the delta's own forward.
 
 Methods that only combine other trained deltas (``Delta.combiner``, e.g. fusion) are no cells.
-Options: defaults, plus a run length for schedules that need one (AdaLoRA's ``total_step``) and
-``switch_at`` for the sparse methods that switch to a compact form to train on (at their
-``switch_fraction`` of the run, as the bench does), so that the switch happens mid-run.
+Options: defaults, plus the config's ``run_length_fields`` for a 3-step run, as a training harness
+fills them (AdaLoRA's ``total_step``; the sparse methods' ``switch_at``, so that their switch to
+the compact form happens mid-run and training goes on in it).
 """
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -30,8 +28,6 @@ STEPS = 3
 LR = 1e-2
 ARCHS = ("llama", "gpt2", "t5")
 METHODS = [m for m in dt.available_methods() if not get_method(m).delta_cls.combiner]
-SCHEDULE_FIELDS = ("total_step", "total_steps")  # required run lengths (None by default)
-SWITCH_FIELD = "switch_at"  # sparse methods: switch to the compact form after this many steps
 
 # (method, arch): (why, the fix), both substrings of the refusal message.
 _LST = ("BERT-family encoders only", "Use 'lora' or 'adapter'")
@@ -83,12 +79,8 @@ def make_batch(model) -> dict[str, torch.Tensor]:
 
 
 def options(method: str) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(get_method(method).config_cls)}
-    opts = {n: STEPS for n in SCHEDULE_FIELDS if n in fields and fields[n].default is None}
-    fraction = getattr(get_method(method).config_cls, "switch_fraction", None)
-    if SWITCH_FIELD in fields and fraction is not None:  # as the bench sets it: mid-run
-        opts[SWITCH_FIELD] = max(1, round(STEPS * fraction))
-    return opts
+    """The fields that follow from the run's length (as a training harness fills them)."""
+    return dict(get_method(method).config_cls.run_length_fields(STEPS))
 
 
 def no_hooks(model) -> bool:

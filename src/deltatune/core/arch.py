@@ -7,7 +7,6 @@ of a module path. Users of other architectures pass ``targets=`` explicitly, or 
 """
 from __future__ import annotations
 
-import re
 
 import torch.nn as nn
 
@@ -98,7 +97,3 @@ def num_layers(model: nn.Module) -> int | None:
 
     idx = [i for i in (layer_index(n) for n, _ in model.named_modules()) if i is not None]
     return max(idx) + 1 if idx else None
-
-
-def compile_role(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)

@@ -10,9 +10,9 @@ evaluates the tree on that module's call, so the same code serves every method:
 - ``Average(a, b, weights=...)``: at every touched module the weighted mean of the members' outputs
   (weights normalized to sum 1; a member that does not touch the module contributes the unchanged
   output). For additive deltas this is ``y + sum_i w_i f_i(x)``.
-- ``Fuse(a, b, fusion="f")``: AdapterFusion: the fusion delta (a ``Delta`` with ``combiner =
-  True``) has at each module a layer with ``combine(module, args, kwargs, y, outs)`` that mixes the
-  members' outputs (see methods/fusion.py); the members stay frozen while it is active.
+- ``Fuse(a, b, fusion="f")``: the fusion delta (a ``Delta`` with ``combiner = True``) has at each
+  module a ``CombiningLayer`` (core/layer.py) whose ``combine(module, args, kwargs, y, outs)``
+  mixes the members' outputs (AdapterFusion implements it); the members stay frozen meanwhile.
 
 Output transforms (``post``) combine directly. A member that swaps weights or changes inputs at a
 module (heads, partial methods) re-runs that module's own forward for its branch; modules called
@@ -25,81 +25,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 
+from .layer import CombiningLayer, DeltaLayer
+from .outputs import cat_rows, first_tensor, main_tensor, repeat_rows, replace_main, split_rows
+from .swap import swapped
+
 if TYPE_CHECKING:
     from .hooks import Host
-    from .layer import DeltaLayer
 
 # id(composition node) -> the member whose branch is being re-run (nested modules follow it)
 _BRANCH: contextvars.ContextVar[dict[int, int]] = contextvars.ContextVar("deltatune_branch", default={})
-
-
-# -- output helpers: the main tensor of a module's output ------------------------------------------
-def main_tensor(out: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module output (attention modules return tuples)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ConfigError(f"cannot find the hidden states in a module output of type {type(out).__name__}: "
-                      f"place the delta on a module that returns a tensor or a tuple starting with one.")
-
-
-def replace_main(out: Any, main: torch.Tensor) -> Any:
-    if isinstance(out, torch.Tensor):
-        return main
-    return type(out)([main, *out[1:]]) if isinstance(out, list) else (main, *out[1:])
-
-
-def split_rows(obj: Any, start: int, stop: int, total: int) -> Any:
-    """Rows [start, stop) of every batch-first tensor (dim 0 == total) inside obj."""
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.dim() and obj.shape[0] == total else obj
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(split_rows(o, start, stop, total) for o in obj)
-    if isinstance(obj, list):
-        return [split_rows(o, start, stop, total) for o in obj]
-    if isinstance(obj, dict):
-        return type(obj)({k: split_rows(v, start, stop, total) for k, v in obj.items()})
-    return obj
-
-
-def cat_rows(parts: list[Any], like: Any, total: int) -> Any:
-    """Inverse of split_rows: concatenate the batch-first tensors, keep the rest from parts[0]."""
-    if isinstance(like, torch.Tensor):
-        return torch.cat(parts) if like.dim() and like.shape[0] == total else parts[0]
-    if isinstance(like, (tuple, list)) and not hasattr(like, "_fields"):
-        items = [cat_rows([p[i] for p in parts], like[i], total) for i in range(len(like))]
-        return type(like)(items)
-    if isinstance(like, dict):
-        return type(like)({k: cat_rows([p[k] for p in parts], v, total) for k, v in like.items()})
-    return parts[0]
-
-
-def repeat_rows(obj: Any, n: int, rows: int) -> Any:
-    """Every batch-first tensor (dim 0 == rows) repeated n times along the batch."""
-    if isinstance(obj, torch.Tensor):
-        return torch.cat([obj] * n) if obj.dim() and obj.shape[0] == rows else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(repeat_rows(o, n, rows) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)({k: repeat_rows(v, n, rows) for k, v in obj.items()})
-    return obj
-
-
-def first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    for o in items:
-        t = first_tensor(o)
-        if t is not None:
-            return t
-    return None
 
 
 # -- one module call, as a Host sees it ---------------------------------------------------------------
@@ -120,23 +58,12 @@ class Call:
 
 def rerun(call: Call, layers: list[DeltaLayer]) -> Any:
     """The module's own forward (its hooks skipped) with these layers' weights and inputs."""
-    module = call.module
-    params = module._parameters
-    current = {n: p for n, p in params.items() if p is not None}
-    for layer in layers:
-        if type(layer).uses()[1]:
-            current.update(layer.params(module, current))
-    saved = {n: params[n] for n in current if params.get(n) is not current[n]}
-    args, kwargs = call.args, call.kwargs
-    try:
-        for n in saved:
-            params[n] = current[n]
+    module, args, kwargs = call.module, call.args, call.kwargs
+    with swapped(module, [lay for lay in layers if type(lay).uses().params]):
         for layer in layers:
-            if type(layer).uses()[0]:
+            if type(layer).uses().pre:
                 args, kwargs = layer.forward_pre(module, args, kwargs)
         return module.forward(*args, **kwargs)
-    finally:
-        params.update(saved)
 
 
 # -- the tree ---------------------------------------------------------------------------------------
@@ -230,7 +157,7 @@ class Stack(Composition):
 
     def run(self, call: Call, y: Any) -> Any:
         own = [call.layer(m) for m in self.members if isinstance(m, str)]
-        heavy = [lay for lay in own if lay is not None and any(type(lay).uses()[:2])]
+        heavy = [lay for lay in own if lay is not None and (type(lay).uses().pre or type(lay).uses().params)]
         if heavy:  # weights or inputs change: the module itself runs again (before any output change)
             y = rerun(call, heavy)
         for m in self.members:
@@ -238,7 +165,7 @@ class Stack(Composition):
                 y = m.run(call, y)
                 continue
             layer = call.layer(m)
-            if layer is not None and type(layer).uses()[2]:
+            if layer is not None and type(layer).uses().post:
                 y = layer.forward_post(call.module, call.args, call.kwargs, y)
         return y
 
@@ -332,7 +259,7 @@ class Fuse(Composition):
         if chosen is not None:
             return evaluate(self.members[chosen], call, y)
         layer = call.layer(self.fusion)
-        if layer is not None and not hasattr(layer, "combine"):  # the fusion's own head, say:
+        if layer is not None and not isinstance(layer, CombiningLayer):  # the fusion's own head, say:
             return Stack(self.fusion).run(call, y)  # it replaces the members' layers here
         outs = [self.branch(i, call, y) for i in range(len(self.members))]
         if all(o is y for o in outs):  # the members only observe this module (an input tap)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from .compose import Call, Composition
 from .layer import DeltaLayer, first_input
+from .swap import restore, swap_in, swapped
 
 
 class Host:
@@ -35,10 +36,9 @@ class Host:
         if composition is not None:
             names = ()
         active = [self.layers[n] for n in names if n in self.layers]
-        uses = [type(layer).uses() for layer in active]
-        self._pre = [lay for lay, u in zip(active, uses) if u[0]]
-        self._par = [lay for lay, u in zip(active, uses) if u[1]]
-        self._post = [lay for lay, u in zip(active, uses) if u[2]]
+        self._pre = [lay for lay in active if type(lay).uses().pre]
+        self._par = [lay for lay in active if type(lay).uses().params]
+        self._post = [lay for lay in active if type(lay).uses().post]
         self._install()
 
     def set_routes(self, rows: dict[str, torch.Tensor] | None) -> None:
@@ -72,21 +72,14 @@ class Host:
     # -- the hooks --------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._par:
-            params = module._parameters
-            current = {n: p for n, p in params.items() if p is not None}
-            for layer in self._par:
-                current.update(layer.params(module, current))
-            saved = {n: params[n] for n in current if params.get(n) is not current[n]}
-            for n in saved:
-                params[n] = current[n]  # plain dict write: a tensor stands in for the Parameter
-            self._swapped.append(saved)
+            self._swapped.append(swap_in(module, self._par))
         for layer in self._pre:
             args, kwargs = layer.forward_pre(module, args, kwargs)
         return args, kwargs
 
     def _restore_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._swapped:
-            module._parameters.update(self._swapped.pop())
+            restore(module, self._swapped.pop())
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._routes is not None:
@@ -112,7 +105,7 @@ class Host:
                               f"its deltas cannot run per example: split the batch by delta instead.")
         out = output.clone()
         for layer, idx in self._routes:
-            pre, par, post = type(layer).uses()
+            pre, par, post = type(layer).uses()  # LayerUses(pre, params, post)
             rows_in, rows_out = x[idx], output[idx]
             if pre or par:
                 rows_out = self._rerun(module, layer, rows_in, pre, par)
@@ -126,18 +119,5 @@ class Host:
 
     @staticmethod
     def _rerun(module: nn.Module, layer: DeltaLayer, x: torch.Tensor, pre: bool, par: bool) -> torch.Tensor:
-        params = module._parameters
-        saved = dict(params)
-        if par:
-            current = {n: p for n, p in params.items() if p is not None}
-            params.update(layer.params(module, current))
-        try:
+        with swapped(module, [layer] if par else []):
             return module.forward(layer.pre(module, x) if pre else x)
-        finally:
-            params.update(saved)
-
-
-def swap_free(module: nn.Module) -> bool:
-    """True when no Host has a parameter of `module` swapped out (used by tests and merge)."""
-    return all(isinstance(p, nn.Parameter) for p in module._parameters.values() if p is not None)
-

@@ -9,7 +9,7 @@ order of ``activate(...)``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,14 @@ def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if args:
         return args[0]
     return next(iter(kwargs.values()))
+
+
+class LayerUses(NamedTuple):
+    """Which of the three ways a layer class changes its module's call."""
+
+    pre: bool
+    params: bool
+    post: bool
 
 
 class DeltaLayer(nn.Module):
@@ -47,12 +55,12 @@ class DeltaLayer(nn.Module):
 
     # -- which of them this class uses (decided once per class) ---------------------------------
     @classmethod
-    def uses(cls) -> tuple[bool, bool, bool]:
+    def uses(cls) -> LayerUses:
+        """Whatever the class overrides runs; what it leaves to the base class costs nothing."""
         base = DeltaLayer
-        pre = cls.pre is not base.pre or cls.forward_pre is not base.forward_pre
-        par = cls.params is not base.params
-        post = cls.post is not base.post or cls.forward_post is not base.forward_post
-        return pre, par, post
+        return LayerUses(pre=cls.pre is not base.pre or cls.forward_pre is not base.forward_pre,
+                         params=cls.params is not base.params,
+                         post=cls.post is not base.post or cls.forward_post is not base.forward_post)
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, module: nn.Module) -> None:
@@ -60,6 +68,16 @@ class DeltaLayer(nn.Module):
 
     def unmerge(self, module: nn.Module) -> None:
         raise MergeError(f"{type(self).__name__} cannot be unmerged from {type(module).__name__}.")
+
+
+class CombiningLayer(DeltaLayer):
+    """A layer that mixes other deltas' outputs at its module instead of changing the module
+    itself (a delta of such layers has ``combiner = True`` and runs only as a composition's
+    combiner, e.g. ``Fuse(a, b, fusion=name)``)."""
+
+    def combine(self, module: nn.Module, args: tuple, kwargs: dict, y: Any, outs: list[Any]) -> Any:
+        """The module's output given the base output `y` and each member's output `outs[i]`."""
+        raise NotImplementedError
 
 
 class ParamDiff(DeltaLayer):

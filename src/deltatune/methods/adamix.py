@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.compose import first_tensor
+from ..core.outputs import first_tensor
 from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ._sublayers import Site

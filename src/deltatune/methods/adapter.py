@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core.compose import main_tensor, replace_main
+from ..core.outputs import main_tensor, replace_main
 from ..core.delta import Delta, path_to_key
 from ..core.layer import DeltaLayer
 from ..core.registry import register

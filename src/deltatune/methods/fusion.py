@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.compose import main_tensor, replace_main
+from ..core.outputs import main_tensor, replace_main
 from ..core.delta import Delta
-from ..core.layer import DeltaLayer
+from ..core.layer import CombiningLayer
 from ..core.registry import register
 from ._sublayers import SublayerConfig, find_sites
 
@@ -47,7 +47,7 @@ class FusionConfig(SublayerConfig):
         self.check_range("value_reg", 0.0)
 
 
-class FusionLayer(DeltaLayer):
+class FusionLayer(CombiningLayer):
     """Combines the members' outputs at one site (called by compose.Fuse, never on its own)."""
 
     def __init__(self, dim: int, cfg: FusionConfig, dtype: torch.dtype):

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..core import arch
-from ..core.compose import main_tensor
+from ..core.outputs import main_tensor
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.layer import DeltaLayer, first_input

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.compose import main_tensor, replace_main
+from ..core.outputs import main_tensor, replace_main
 from ..core.config import DeltaConfig, field_list
 from ..core.delta import path_to_key
 from ..core.layer import DeltaLayer

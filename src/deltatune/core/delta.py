@@ -83,8 +83,15 @@ class Delta(nn.Module):
     def make_layer(self, path: str, module: nn.Module) -> DeltaLayer:
         raise NotImplementedError
 
-    def add_layer(self, path: str, layer: DeltaLayer) -> None:
-        self.layers[path_to_key(path)] = layer
+    def add_layer(self, path: str, layer: DeltaLayer, clash: str = "") -> None:
+        """The delta's layer at module `path`; a second layer there is refused (`clash`: why it
+        happened, in the method's words), never overwritten."""
+        key = path_to_key(path)
+        if key in self.layers:
+            raise TargetError(clash or f"{self.config.method}: two layers on {path or '<model>'!r} "
+                                       f"({type(self.layers[key]).__name__} and {type(layer).__name__}): "
+                                       f"choose targets that name each module once.")
+        self.layers[key] = layer
 
     def head_names(self, model: nn.Module) -> list[str]:
         """Modules trained fully and saved whole: the config's, or the model's fresh task head."""

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core.outputs import main_tensor, replace_main
-from ..core.delta import Delta, path_to_key
+from ..core.delta import Delta
 from ..core.layer import DeltaLayer
+from ..core.outputs import main_tensor, replace_main
 from ..core.registry import register
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError
 from ._sublayers import Site, SublayerConfig, find_sites
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -150,14 +150,12 @@ class AdapterDelta(Delta):
             tap = None
             if site.input_path != site.path:
                 tap = InputTap()
-                self._add_unique(site.input_path, tap)
-            self._add_unique(site.path, ParallelAdapter(net, tap, site.path))
+                self.add_layer(site.input_path, tap, self._clash(site.input_path))
+            self.add_layer(site.path, ParallelAdapter(net, tap, site.path), self._clash(site.path))
 
-    def _add_unique(self, path: str, layer: DeltaLayer) -> None:
-        if path_to_key(path) in self.layers:
-            raise TargetError(f"{path!r} is both a sublayer input and output for method "
-                              f"{self.config.method!r}: name distinct modules in sublayers=.")
-        self.add_layer(path, layer)
+    def _clash(self, path: str) -> str:
+        return (f"{path!r} is both a sublayer input and output for method {self.config.method!r}: "
+                f"name distinct modules in sublayers=.")
 
     def bottleneck(self, site: Site) -> Bottleneck:
         cfg = self.config

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.outputs import main_tensor, replace_main
 from ..core.config import DeltaConfig, field_list
-from ..core.delta import path_to_key
 from ..core.layer import DeltaLayer
+from ..core.outputs import main_tensor, replace_main
 from ..core.registry import register
 from ..errors import TargetError
 from . import _soft as soft
@@ -151,11 +150,9 @@ class UniPELTDelta(soft.FoldableDelta):
                         site_dtype(model, ""))
 
     def _add_unique(self, path: str, layer: DeltaLayer) -> None:
-        if path_to_key(path) in self.layers:
-            raise TargetError(f"UniPELT would put two of its pieces on {path or '<model>'!r}: narrow "
-                              f"`targets` (LoRA's modules) so that they avoid the attention and "
-                              f"feed-forward blocks.")
-        self.add_layer(path, layer)
+        self.add_layer(path, layer, f"UniPELT would put two of its pieces on {path or '<model>'!r}: narrow "
+                                    f"`targets` (LoRA's modules) so that they avoid the attention and "
+                                    f"feed-forward blocks.")
 
 
 register("unipelt", UniPELTConfig, UniPELTDelta, family="hybrid", lr=1e-3,

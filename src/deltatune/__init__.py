@@ -11,6 +11,30 @@ from .core.state import load
 from .errors import CheckpointError, ConfigError, DeltaError, DeltaNotFoundError, MergeError, TargetError
 from .quant import dequantize, memory_report, merge_quantized, quantize
 from .version import __version__
+# every method's config class, explicitly (importing them registers the methods)
+from .methods.adalora import AdaLoRAConfig
+from .methods.adamix import AdaMixConfig
+from .methods.adapter import AdapterConfig
+from .methods.bitfit import BitFitConfig
+from .methods.compacter import CompacterConfig
+from .methods.diff_pruning import DiffPruningConfig
+from .methods.fusion import FusionConfig
+from .methods.ia3 import IA3Config
+from .methods.layernorm import LayerNormConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
+from .methods.lora import LoRAConfig
+from .methods.lst import LSTConfig
+from .methods.lt_sft import LTSFTConfig
+from .methods.mam import MAMConfig
+from .methods.mask import MaskConfig
+from .methods.partial import PartialConfig
+from .methods.prefix import PrefixConfig
+from .methods.prompt import PromptConfig
+from .methods.ptuning import PTuningConfig
+from .methods.sparse_adapter import SparseAdapterConfig
+from .methods.unipelt import UniPELTConfig
+from .methods.vera import VeRAConfig
 from . import interop  # noqa: F401  (registers the peft checkpoint loader and saver)
 
 __all__ = [
@@ -19,14 +43,10 @@ __all__ = [
     "DeltaModel", "DeltaNotFoundError", "MergeError", "TargetError", "__version__",
     "available_methods", "config_from_dict", "dequantize", "get_method", "load", "memory_report",
     "merge_quantized", "quantize", "register", "wrap",
+    "AdaLoRAConfig", "AdaMixConfig", "AdapterConfig", "BitFitConfig", "CompacterConfig",
+    "DiffPruningConfig", "FusionConfig", "IA3Config", "LayerNormConfig", "LoHaConfig", "LoKrConfig",
+    "LoRAConfig", "LSTConfig", "LTSFTConfig", "MAMConfig", "MaskConfig", "PartialConfig",
+    "PrefixConfig", "PromptConfig", "PTuningConfig", "SparseAdapterConfig", "UniPELTConfig",
+    "VeRAConfig",
 ]
 
-
-def __getattr__(name: str):
-    """Config classes by name (``deltatune.LoRAConfig``), found through the registry."""
-    from .core.registry import method_specs
-
-    for spec in method_specs():
-        if spec.config_cls.__name__ == name:
-            return spec.config_cls
-    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

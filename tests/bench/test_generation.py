@@ -1,39 +1,19 @@
 """generate_texts: KV cache == no cache == a hand-written greedy loop; batching/padding changes nothing."""
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import deltatune as dt
 from deltatune.bench.generation import generate_texts
 from deltatune.errors import ConfigError
-from deltatune.models import tiny_model
+from deltatune.models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Name = The Eagle, food = French", "hi", "area = riverside", "a much longer prompt, with commas and words"]
 NEW = 8
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte (what the ByteLevel pre-tokenizer emits)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE without merges: ids 0-3 special, byte b -> id 4 + b (vocab 260)."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({ch: 4 + b for b, ch in _bytes_to_unicode().items()})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return byte_tokenizer()
+    return tiny_tokenizer(chat_template=False)  # byte-level: ids 0-3 special, byte b -> id 4 + b
 
 
 def lm(arch: str) -> torch.nn.Module:
@@ -111,7 +91,7 @@ def test_pad_falls_back_to_eos_and_wrapper_model(tok, one_thread):
     with torch.no_grad():
         for p in dm.trainable_parameters():
             p.normal_(0, 0.5)  # a non-zero delta, so the wrapper's output must differ from the base
-    no_pad = byte_tokenizer()
+    no_pad = tiny_tokenizer(chat_template=False)
     no_pad.pad_token = None
     got = generate_texts(dm, no_pad, PROMPTS, max_new_tokens=NEW)
     want = [no_pad.decode(greedy_ids(dm, no_pad(p)["input_ids"], NEW, {2})).strip() for p in PROMPTS]

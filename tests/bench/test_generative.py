@@ -251,3 +251,15 @@ def test_full_fine_tuning_of_a_decoder_saves_and_reloads(tmp_path, qa_files, cap
     assert rec["saved"] == "full_model" and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(rec["metrics"], abs=1e-6)
+
+
+def test_predictions_on_a_classification_task_are_refused(tmp_path, capsys):
+    out = tmp_path / "cls"
+    assert main(["train", "--task", "SST-2", "--model", "tiny-bert", "--method", "lora", "--out", str(out),
+                 "--dev-size", "8", "--threads", "1", "--batch-size", "4", "--steps", "2", "--eval-every", "2",
+                 "--quiet"]) == 0
+    from deltatune.bench.single import eval_saved
+
+    with pytest.raises(ConfigError, match="--predictions writes generations; SST-2 is a classification task"):
+        eval_saved(str(out), predictions=str(tmp_path / "p.jsonl"))
+    assert not (tmp_path / "p.jsonl").exists()

@@ -79,6 +79,9 @@ class GenScorer:
         self.max_new_tokens, self.num_beams, self.batch_size = max_new_tokens, num_beams, batch_size
         self.outputs: list[str] = []
 
+    def __len__(self) -> int:
+        return len(self.dev)
+
     def prepare(self, acc) -> None:
         """Nothing to shard: every process scores the whole (small) dev subset alike."""
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from . import metrics as M
 from .checkpoint import (DELTA_DIR, Checkpointer, TrainingStopped, restore_trainable,
                          set_rng_state, trainable_state)
-from .data import Collator, Encoded
+from .data import Collator, Encoded, by_length, dev_indices, encode, pad_id
 from .gendata import LMCollator
 from .measure import PeakMemory
 from .tasks import Task
@@ -137,6 +137,20 @@ class ClassScorer:
             dl = DataLoader(self.dev, batch_size=self.batch_size, collate_fn=Collator(self.pad, self.task.regression))
             self._loader = (acc, acc.prepare(dl))
         return evaluate(model, self._loader[1], self.task, acc)
+
+
+def dev_scorer(task: Task, dev, tokenizer, dev_size: int, max_length: int, batch_size: int,
+               max_new_tokens: int = 64, num_beams: int = 1):
+    """The dev metric of `task` on a fixed subset of `dev`: a `genscore.GenScorer` over
+    ``dev_size`` distinct inputs for generation tasks, else a `ClassScorer`."""
+    from .genscore import LOSS_BATCH, GenScorer, gen_dev
+
+    pad = pad_id(tokenizer)
+    if task.generative:
+        return GenScorer(gen_dev(tokenizer, task, dev, dev_size, max_length), task, tokenizer, pad,
+                         max_new_tokens, num_beams, min(batch_size, LOSS_BATCH))
+    data = by_length(encode(tokenizer, dev.subset(dev_indices(len(dev), dev_size)), max_length, task.regression))
+    return ClassScorer(data, task, pad, batch_size)
 
 
 def score_model(model, scorer, acc) -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..core.arch import head_modules
-from ..models import DEFAULT_MODEL, TINY_ARCHS, load_classifier, tiny_model
+from ..models import DEFAULT_MODEL, TINY_ARCHS, TINY_VOCAB_SIZE, load_classifier, tiny_model
 
 TINY_PREFIX = "tiny-"
 
@@ -79,7 +79,6 @@ def reset_head(model: nn.Module, seed: int) -> None:
 
 GEN_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
 TINY_GEN = {"causal_lm": ("gpt2", "llama"), "seq2seq": ("t5",)}
-TINY_VOCAB = 260  # tiny_tokenizer: 4 specials + 256 bytes
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -93,11 +92,17 @@ def load_model(name: str | None, num_labels: int, seed: int = 0, kind: str = "cl
 
     logging.disable_progress_bar()
     model, tok = load_classifier(name, num_labels=num_labels, seed=seed)
-    if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
-        tok.pad_token = tok.eos_token  # decoder-only tokenizers (GPT-2, Llama) have no pad token
+    pad_with_eos(tok)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads the last non-pad token
     return model, tok
+
+
+def pad_with_eos(tok) -> Any:
+    """Decoder-only tokenizers (GPT-2, Llama) have no pad token: pad with eos (masked everywhere)."""
+    if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_generator(name: str | None, kind: str) -> tuple[nn.Module, Any]:
@@ -112,7 +117,7 @@ def load_generator(name: str | None, kind: str) -> tuple[nn.Module, Any]:
 
         # longer contexts for byte-level ids; T5's eos is the tokenizer's </s> (its config says 1)
         longer = {"gpt2": {"n_positions": 512}, "t5": {"eos_token_id": 2}}.get(arch, {"max_position_embeddings": 512})
-        return tiny_model(arch, task="lm", seed=0, vocab_size=TINY_VOCAB, **longer), tiny_tokenizer()
+        return tiny_model(arch, task="lm", seed=0, vocab_size=TINY_VOCAB_SIZE, **longer), tiny_tokenizer()
     import transformers
     from transformers.utils import logging
 
@@ -126,8 +131,7 @@ def load_generator(name: str | None, kind: str) -> tuple[nn.Module, Any]:
         model = getattr(transformers, GEN_CLASSES[kind]).from_pretrained(path)
     except ValueError as e:
         raise ConfigError(f"{name}: transformers cannot build a {kind} model from it ({e}).") from None
-    if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
-        tok.pad_token = tok.eos_token
+    pad_with_eos(tok)
     model.eval()
     return model, tok
 

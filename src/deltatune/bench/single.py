@@ -14,11 +14,9 @@ from typing import Any
 from ..core.state import CONFIG_FILE, INDEX_FILE, atomic_write
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import Checkpointer
-from .data import by_length, dev_indices, encode, pad_id
-from .genscore import LOSS_BATCH, GenScorer, gen_dev
-from .loop import ClassScorer, accelerator, score_model
+from .loop import accelerator, dev_scorer, score_model
 from .methods import parse_method
-from .models import GEN_CLASSES, is_tiny, load_model, max_positions
+from .models import GEN_CLASSES, is_tiny, load_model, max_positions, pad_with_eos
 from .suite import Runner, SuiteConfig
 from .tasks import parse_task
 
@@ -48,8 +46,7 @@ def train_one(cfg: SuiteConfig, task_spec: str, method: str, seed: int, out: str
         record, built = runner.train(task, spec, seed, progress=bar, ckpt=ckpt)
     record = {**runner.base_record(task, spec, seed, key), "status": "ok", **record}
     if task.generative:  # how `generate` renders a prompt for this delta
-        record["chat"] = bool(task.read("train", cfg.data_dir).prompts and
-                              isinstance(task.read("train", cfg.data_dir).prompts[0], list))
+        record["chat"] = isinstance(task.read("train", cfg.data_dir).prompts[0], list)
     if runner.acc.is_main_process:
         root = Path(out)
         if built.delta is not None:
@@ -87,10 +84,8 @@ def load_saved(path: Path, model: str | None, task):
         if is_tiny(model):
             return net, load_model(model, task.num_labels, 0, task.kind)[1]
         has_tok = any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
-        tok = (transformers.AutoTokenizer.from_pretrained(path) if has_tok
+        tok = (pad_with_eos(transformers.AutoTokenizer.from_pretrained(path)) if has_tok
                else load_model(model, task.num_labels, 0, task.kind)[1])
-        if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
-            tok.pad_token = tok.eos_token
         return net, tok
     raise CheckpointError(f"{path} holds neither a saved delta ({CONFIG_FILE}) nor a model (config.json).")
 
@@ -115,24 +110,21 @@ def eval_saved(path: str, task_spec: str | None = None, model: str | None = None
     Generation tasks: dev loss / perplexity and generations scored against every reference
     (``predictions``: write them to this JSON-lines file)."""
     root, task, model, info = _saved(path, task_spec, model)
+    if predictions and not task.generative:
+        raise ConfigError(f"--predictions writes generations; {task.name} is a {task.kind} task, which "
+                          f"generates nothing: drop the option.")
     budget = info.get("budget", {})
     net, tok = load_saved(root, model, task)
     length = max_length or budget.get("max_length", 128)
     length = min(length, max_positions(net) or length)
     dev = task.read("dev", data_dir)
-    acc = accelerator(device, mixed_precision)
-    if task.generative:
-        gdev = gen_dev(tok, task, dev, dev_size, length)
-        scorer = GenScorer(gdev, task, tok, pad_id(tok), max_new_tokens or budget.get("max_new_tokens", 64),
-                           num_beams or budget.get("num_beams", 1), min(batch_size, LOSS_BATCH))
-        n = len(gdev)
-    else:
-        data = by_length(encode(tok, dev.subset(dev_indices(len(dev), dev_size)), length, task.regression))
-        scorer, n = ClassScorer(data, task, pad_id(tok), batch_size), len(data)
-    metrics = score_model(net, scorer, acc)
-    out = {"task": task.name, "metric": task.metric, "metrics": metrics, "n": n,
+    scorer = dev_scorer(task, dev, tok, dev_size, length, batch_size,
+                        max_new_tokens or budget.get("max_new_tokens", 64), num_beams or budget.get("num_beams", 1))
+    metrics = score_model(net, scorer, accelerator(device, mixed_precision))
+    out = {"task": task.name, "metric": task.metric, "metrics": metrics, "n": len(scorer),
            "path": str(root), "model": model or info.get("model")}
     if task.generative:
+        gdev = scorer.dev
         out["data"] = {k: v for k, v in gdev.notes.items() if v}
         if predictions:
             rows = [{"input": i, "output": o, "references": r}

@@ -22,10 +22,9 @@ from accelerate.utils import set_seed
 
 from . import report
 from ..errors import ConfigError
-from .data import by_length, dev_indices, encode, group_by_length, pad_id, train_indices
+from .data import encode, group_by_length, pad_id, train_indices
 from .gendata import check_packing, encode_gen, pack
-from .genscore import LOSS_BATCH, GenScorer, gen_dev
-from .loop import Budget, ClassScorer, TrainingRun, accelerator, score_model
+from .loop import Budget, TrainingRun, accelerator, dev_scorer, score_model
 from .measure import environment
 from .methods import MethodSpec, build, count_trainable, default_methods, parse_method
 from .models import ModelCache, max_positions, model_label
@@ -96,18 +95,11 @@ class Runner:
         """(train examples, dev scorer), tokenised once per task (and seed for train)."""
         b = self.cfg.budget
         length = min(b.max_length, max_positions(model) or b.max_length)
-        pad = pad_id(tokenizer)
         if ("dev", task.name) not in self._data:
-            dev = task.read("dev", self.cfg.data_dir)
+            scorer = dev_scorer(task, task.read("dev", self.cfg.data_dir), tokenizer, b.dev_size, length,
+                                b.eval_batch_size, b.max_new_tokens, b.num_beams)
             if task.generative:
-                gdev = gen_dev(tokenizer, task, dev, b.dev_size, length)
-                scorer = GenScorer(gdev, task, tokenizer, pad, b.max_new_tokens, b.num_beams,
-                                   min(b.eval_batch_size, LOSS_BATCH))
-                self._report_notes(task, "dev", gdev.notes)
-            else:
-                idx = dev_indices(len(dev), b.dev_size)
-                scorer = ClassScorer(by_length(encode(tokenizer, dev.subset(idx), length, task.regression)),
-                                     task, pad, b.eval_batch_size)
+                self._report_notes(task, "dev", scorer.dev.notes)
             self._data[("dev", task.name)] = scorer
         tkey = ("train", task.name, seed)
         if tkey not in self._data:

@@ -7,7 +7,7 @@ from .core.delta import Delta
 from .core.layer import DeltaLayer
 from .core.model import DeltaModel, wrap
 from .core.registry import available_methods, config_from_dict, get_method, register
-from .core.state import load
+from .core.loading import load
 from .errors import CheckpointError, ConfigError, DeltaError, DeltaNotFoundError, MergeError, TargetError
 from .quant import dequantize, memory_report, merge_quantized, quantize
 from .version import __version__

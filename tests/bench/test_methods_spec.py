@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_build_full_and_combination():
 
 @dataclass
 class ScheduledConfig(LoRAConfig):
+    method: ClassVar[str] = "scheduled_test"
     total_steps: int | None = None
 
     @classmethod
@@ -76,6 +78,7 @@ class ScheduledConfig(LoRAConfig):
 
 
 class ScheduledDelta(LoRADelta):
+    config_cls = ScheduledConfig
     seen: list = []
 
     def on_step(self, step):

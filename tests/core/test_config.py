@@ -54,3 +54,22 @@ def test_config_classes_reachable_by_name():
     assert dt.BitFitConfig().method == "bitfit"
     assert dt.LayerNormConfig().method == "layernorm"
     assert dt.PartialConfig().last_k == 1
+
+
+def test_register_checks_the_classes_and_changes_none():
+    from dataclasses import dataclass
+
+    from deltatune.core import registry
+    from deltatune.methods.lora import LoRAConfig, LoRADelta
+
+    @dataclass
+    class Undeclared(LoRAConfig):  # inherits method "lora": it does not say its own name
+        pass
+
+    with pytest.raises(ValueError, match="Undeclared must declare `method"):
+        registry.register("undeclared_test", Undeclared, LoRADelta, family="reparameterized")
+    assert Undeclared.method == "lora" and LoRADelta.config_cls is LoRAConfig
+    Undeclared.method = "undeclared_test"
+    with pytest.raises(ValueError, match="LoRADelta must declare `config_cls = Undeclared`"):
+        registry.register("undeclared_test", Undeclared, LoRADelta, family="reparameterized")
+    assert LoRADelta.config_cls is LoRAConfig and "undeclared_test" not in registry.available_methods()

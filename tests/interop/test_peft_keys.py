@@ -5,7 +5,8 @@ import torch.nn as nn
 
 import deltatune as dt
 from deltatune.core.layer import ParamCopy
-from deltatune.interop.peft_format import KeyRule, PeftMapping, our_item, peft_item
+from deltatune.interop.peft_keys import our_item, peft_item
+from deltatune.interop.peft_schema import KeyRule, PeftMapping
 
 MODEL = nn.Sequential(nn.Linear(3, 3), nn.Embedding(5, 3))
 MAPPING = PeftMapping(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.interop.peft_format import PEFT_TESTED_VERSIONS
+from deltatune.interop.peft_schema import PEFT_TESTED_VERSIONS
 from deltatune.models import logits_of, tiny_inputs, tiny_model
 from peft_helpers import peft_adapter, peft_logits, train
 

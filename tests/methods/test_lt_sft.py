@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.methods._sparse import topk_global
+from deltatune.methods._sparse_index import topk_global
 from deltatune.models import logits_of, tiny_inputs, tiny_model
 from sparse_util import base_params, make_compact, randomize, sparse_dense_diffs
 from sparse_realrun import two_phase_run

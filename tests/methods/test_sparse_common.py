@@ -7,7 +7,9 @@ from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.methods._sparse import pack_bits, sparse_linear, topk_global, unpack_bits
+from deltatune.methods._sparse_bits import pack_bits, unpack_bits
+from deltatune.methods._sparse_csr import sparse_linear
+from deltatune.methods._sparse_index import topk_global
 from deltatune.models import logits_of, tiny_inputs, tiny_model
 from sparse_util import base_params, config, make_compact, no_dropout, randomize
 

@@ -70,7 +70,7 @@ def read_result(path: Path) -> dict[str, Any]:
 def load_saved(path: Path, model: str | None, task):
     """(model, tokenizer) for a saved delta (onto its base) or a saved fully fine-tuned model."""
     if (path / CONFIG_FILE).exists() or (path / INDEX_FILE).exists():
-        from ..core.state import load
+        from ..core.loading import load
 
         base, tok = load_model(model, task.num_labels, seed=0, kind=task.kind)
         return load(base, path), tok

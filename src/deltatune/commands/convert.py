@@ -49,7 +49,7 @@ def run(args) -> int:
 def checkpoint_base(src: Path) -> tuple[str | None, str | None]:
     """(model class, model directory) that the checkpoint in `src` names, where it names them."""
     from ..core.state import CONFIG_FILE, INDEX_FILE
-    from ..interop.peft_format import CONFIG_FILE as PEFT_CONFIG
+    from ..interop.peft_files import CONFIG_FILE as PEFT_CONFIG
 
     if (src / PEFT_CONFIG).exists() and not (src / CONFIG_FILE).exists():
         data = _json(src / PEFT_CONFIG)

@@ -90,10 +90,3 @@ def role_patterns(model: nn.Module, roles: tuple[str, ...], method: str = "") ->
 def head_modules(model: nn.Module) -> list[str]:
     """Names of fresh task heads at the top of a task model."""
     return [n for n, _ in model.named_children() if n in HEAD_NAMES]
-
-
-def num_layers(model: nn.Module) -> int | None:
-    from .targets import layer_index
-
-    idx = [i for i in (layer_index(n) for n, _ in model.named_modules()) if i is not None]
-    return max(idx) + 1 if idx else None

@@ -20,7 +20,6 @@ inside such a re-run see only that member. Compositions run on unmerged deltas o
 """
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,15 +28,13 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 
+from .context import CallContext
 from .layer import CombiningLayer, DeltaLayer
 from .outputs import cat_rows, first_tensor, main_tensor, repeat_rows, replace_main, split_rows
 from .swap import swapped
 
 if TYPE_CHECKING:
     from .hooks import Host
-
-# id(composition node) -> the member whose branch is being re-run (nested modules follow it)
-_BRANCH: contextvars.ContextVar[dict[int, int]] = contextvars.ContextVar("deltatune_branch", default={})
 
 
 # -- one module call, as a Host sees it ---------------------------------------------------------------
@@ -47,6 +44,12 @@ class Call:
     module: nn.Module
     args: tuple
     kwargs: dict
+
+    @property
+    def context(self) -> CallContext:
+        """The model call's context: the branch a composition evaluates lives there, so module
+        calls nested in a member's re-run follow that member."""
+        return self.host.context
 
     def layer(self, name: str) -> DeltaLayer | None:
         return self.host.layers.get(name)
@@ -133,14 +136,11 @@ class Composition:
 
     def branch(self, i: int, call: Call, y: Any) -> Any:
         """Member i's output; module calls re-run inside it see member i only."""
-        token = _BRANCH.set({**_BRANCH.get(), id(self): i})
-        try:
+        with call.context.branch(self, i):
             return evaluate(self.members[i], call, y)
-        finally:
-            _BRANCH.reset(token)
 
-    def chosen_branch(self) -> int | None:
-        return _BRANCH.get().get(id(self))
+    def chosen_branch(self, call: Call) -> int | None:
+        return call.context.chosen_branch(self)
 
 
 def evaluate(member: str | Composition, call: Call, y: Any) -> Any:
@@ -183,7 +183,7 @@ class Parallel(Composition):
         return repeat_rows(args, n, rows), repeat_rows(kwargs, n, rows)
 
     def run(self, call: Call, y: Any) -> Any:
-        chosen = self.chosen_branch()
+        chosen = self.chosen_branch(call)
         if chosen is not None:
             return evaluate(self.members[chosen], call, y)
         n = len(self.members)
@@ -218,7 +218,7 @@ class Average(Composition):
         return {**super().to_dict(), "weights": list(self.weights)}
 
     def run(self, call: Call, y: Any) -> Any:
-        chosen = self.chosen_branch()
+        chosen = self.chosen_branch(call)
         if chosen is not None:
             return evaluate(self.members[chosen], call, y)
         outs = [self.branch(i, call, y) for i in range(len(self.members))]
@@ -255,7 +255,7 @@ class Fuse(Composition):
         return f"{super().__repr__()[:-1]}, fusion={self.fusion!r})"
 
     def run(self, call: Call, y: Any) -> Any:
-        chosen = self.chosen_branch()
+        chosen = self.chosen_branch(call)
         if chosen is not None:
             return evaluate(self.members[chosen], call, y)
         layer = call.layer(self.fusion)

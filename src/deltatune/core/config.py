@@ -114,7 +114,7 @@ class DeltaConfig:
                 f"unknown key {k!r} for method {cls.method!r}.{hint} "
                 f"Valid keys: {', '.join(names)}."
             )
-        return cls(**{k: _from_plain(v) for k, v in data.items()})
+        return cls(**data)
 
     def replace(self, **changes: Any) -> DeltaConfig:
         return dataclasses.replace(self, **changes)
@@ -135,25 +135,11 @@ def _range_text(low, high, low_open: bool, high_open: bool, integer: bool) -> st
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, DeltaConfig):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    """JSON-ready: tuples become lists (from_dict takes lists back)."""
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _from_plain(value: Any) -> Any:
-    """Nested method configs (composite methods) come back as config objects."""
-    if isinstance(value, dict) and "method" in value:
-        from .registry import config_from_dict
-
-        return config_from_dict(value)
-    if isinstance(value, list):
-        return [_from_plain(v) for v in value]
     return value
 
 

@@ -12,14 +12,16 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from .compose import Call, Composition
+from .context import CallContext
 from .layer import DeltaLayer, first_input
 from .swap import restore, swap_in, swapped
 
 
 class Host:
-    def __init__(self, module: nn.Module, path: str):
+    def __init__(self, module: nn.Module, path: str, context: CallContext):
         self.module = module
         self.path = path
+        self.context = context  # the owning DeltaModel's, shared by all its Hosts
         self.layers: dict[str, DeltaLayer] = {}
         self._pre: list[DeltaLayer] = []
         self._par: list[DeltaLayer] = []

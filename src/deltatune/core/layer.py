@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from ..errors import MergeError
+from ..errors import ConfigError, MergeError
+from .context import CallContext
 
 
 def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -33,6 +34,15 @@ class LayerUses(NamedTuple):
 
 class DeltaLayer(nn.Module):
     mergeable: bool = False
+    #: the DeltaModel's CallContext (core/context.py), set when the layer's delta is attached
+    context: CallContext | None = None
+
+    def call_context(self) -> CallContext:
+        """Where this call's layers leave values for each other (``put`` / ``get`` / ``pop``)."""
+        if self.context is None:
+            raise ConfigError(f"{type(self).__name__} has no call context: its delta is not attached "
+                              f"to a DeltaModel (use dt.wrap(model, config) or dm.add(name, config)).")
+        return self.context
 
     # -- the three ways to change the call (override what you need) ----------------------------
     def pre(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

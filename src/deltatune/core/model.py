@@ -17,15 +17,27 @@ from ..errors import ConfigError, DeltaNotFoundError, MergeError, did_you_mean
 from . import compose
 from .compose import Composition
 from .config import DeltaConfig
+from .context import CallContext
 from .delta import Delta, key_to_path
+from .hf import HFSurface, refused, typed_class
 from .hooks import Host
 from .registry import config_from_dict, get_method
+from .report import summary
+from .state import save as save_state
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-class DeltaModel(nn.Module):
-    """Forwards everything it does not define (``generate``, ``config``, ...) to the base model."""
+class DeltaModel(HFSurface, nn.Module):
+    """Forwards everything it does not define (``generate``, ``config``, ...) to the base model.
+
+    ``DeltaModel(model)`` is an instance of a subclass made for the base's class, whose
+    ``forward`` shows the base's parameters (core/hf.py: Trainer reads them)."""
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> DeltaModel:
+        if cls is DeltaModel and isinstance(model, nn.Module) and not isinstance(model, DeltaModel):
+            cls = typed_class(type(model), DeltaModel)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -34,6 +46,7 @@ class DeltaModel(nn.Module):
         self.model = model
         self.delta_modules = nn.ModuleDict()
         self._hosts: dict[str, Host] = {}
+        self.context = CallContext()  # what the layers of one forward pass pass on (core/context.py)
         self._active: tuple[str, ...] = ()
         self._composition: Composition | None = None  # None: plain stacking of _active
         self._frozen: list[nn.Parameter] = []  # frozen by the active composition (Fuse members)
@@ -46,6 +59,12 @@ class DeltaModel(nn.Module):
     @property
     def deltas(self) -> list[str]:
         return list(self.delta_modules.keys())
+
+    @property
+    def delta_configs(self) -> dict[str, DeltaConfig]:
+        """Each delta's deltatune config by name (``dm.config`` stays the base model's own config,
+        as Hugging Face code expects; ``dm.get_delta(name).config`` is one of these)."""
+        return {n: d.config for n, d in self.delta_modules.items()}
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -109,8 +128,9 @@ class DeltaModel(nn.Module):
             path = key_to_path(key)
             host = self._hosts.get(path)
             if host is None:
-                host = self._hosts[path] = Host(self.model.get_submodule(path), path)
+                host = self._hosts[path] = Host(self.model.get_submodule(path), path, self.context)
             host.layers[name] = layer
+            layer.context = self.context
         if not self._active and not delta.combiner:
             self.activate(name)
         return delta
@@ -296,13 +316,9 @@ class DeltaModel(nn.Module):
 
     # -- I/O and reporting ----------------------------------------------------------------------
     def save(self, path: str, name: str | None = None, **kwargs: Any) -> None:
-        from .state import save
-
-        save(self, path, name=name, **kwargs)
+        save_state(self, path, name=name, **kwargs)
 
     def summary(self):
-        from .report import summary
-
         return summary(self)
 
     # -- forwarding -----------------------------------------------------------------------------
@@ -319,7 +335,7 @@ class DeltaModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-            return getattr(self.model, name)
+            return refused(name) or getattr(self.model, name)
 
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-
-if TYPE_CHECKING:
-    from .config import DeltaConfig
-    from .delta import Delta
+from .config import DeltaConfig
+from .delta import Delta
 
 FAMILIES = ("additive", "partial", "reparameterized", "hybrid")
 
@@ -33,13 +31,18 @@ _loaded = False
 def register(name: str, config_cls: type[DeltaConfig], delta_cls: type[Delta], *,
              family: str, paper: str = "", lr: float = 3e-3) -> None:
     """Make a method known by `name`. ``lr``: its learning rate for short runs (AdamW, warm-up then
-    linear decay), which the bench uses unless a run gives one."""
+    linear decay), which the bench uses unless a run gives one.
+
+    The classes say what they are themselves (``Config.method = name``, ``Delta.config_cls =
+    Config``); registering only checks that and records them, it changes no class."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} must be one of {FAMILIES}")
     if name in _REGISTRY and _REGISTRY[name].delta_cls is not delta_cls:
         raise ValueError(f"method {name!r} is already registered")
-    config_cls.method = name
-    delta_cls.config_cls = config_cls
+    if config_cls.__dict__.get("method") != name:
+        raise ValueError(f"{config_cls.__name__} must declare `method: ClassVar[str] = {name!r}`.")
+    if delta_cls.__dict__.get("config_cls") is not config_cls:
+        raise ValueError(f"{delta_cls.__name__} must declare `config_cls = {config_cls.__name__}`.")
     _REGISTRY[name] = MethodSpec(name, config_cls, delta_cls, family, paper, lr)
 
 
@@ -49,7 +52,7 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from .. import methods
+    from .. import methods  # here, not at the top: the method modules import this one to register
 
     for info in pkgutil.iter_modules(methods.__path__):
         if not info.name.startswith("_"):

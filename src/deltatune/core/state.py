@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,6 @@ from safetensors.torch import save as st_save
 
 from ..errors import CheckpointError, ConfigError
 from ..version import FORMAT_VERSION, __version__
-from . import compose
 from .arch import model_type
 from .registry import config_from_dict
 
@@ -33,8 +34,21 @@ META_CHECKSUM = "meta_sha256"  # sha256 of the config's other entries: an edit o
 META_KEYS = {"format", "format_version", "library_version", "name", "config", "extra_state", "weights",
              "sha256", "base", META_CHECKSUM}
 INDEX_FILE = "deltas.json"
-SAVERS: dict[str, Any] = {}   # format name -> save(dm, path, name) (other formats register here)
-LOADERS: list[Any] = []       # (detect(path) -> bool, load(model, path, name) -> DeltaModel)
+
+
+@dataclass(frozen=True)
+class Saver:
+    """How one format writes: ``save_one(dm, name, root)`` writes one delta into a directory;
+    with several deltas ``place(root, name)`` says where each goes and ``index(dm, root)`` (if
+    any) lists them. ``save`` is the one dispatch over them (deltatune's own format included)."""
+
+    save_one: Callable[[Any, str, Path], None]
+    place: Callable[[Path, str], Path]
+    index: Callable[[Any, Path], None] | None = None
+
+
+SAVERS: dict[str, Saver] = {}  # format name -> its Saver (other formats register theirs here)
+LOADERS: list[Any] = []        # (detect(path) -> bool, load(model, path, name) -> DeltaModel)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -71,18 +85,23 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
 
 
 def save(dm, path: str | os.PathLike, name: str | None = None, format: str = "deltatune") -> None:
-    """Save one delta (``name``), or every delta (sub-directories) when the model holds several."""
-    if format != "deltatune":
-        if format not in SAVERS:
-            raise ConfigError(f"unknown save format {format!r}: use 'deltatune' or one of {list(SAVERS)}.")
-        SAVERS[format](dm, path, name)
-        return
+    """Save one delta (``name``), or every delta (each where the format places it) when the model
+    holds several."""
+    saver = SAVERS.get(format)
+    if saver is None:
+        raise ConfigError(f"unknown save format {format!r}: use one of {list(SAVERS)}.")
     root = Path(path)
     if name is not None or len(dm.deltas) == 1:
-        save_one(dm, name or dm.deltas[0], root)
+        saver.save_one(dm, name or dm.deltas[0], root)
         return
     for n in dm.deltas:
-        save_one(dm, n, root / n)
+        saver.save_one(dm, n, saver.place(root, n))
+    if saver.index is not None:
+        saver.index(dm, root)
+
+
+def write_index(dm, root: Path) -> None:
+    """deltas.json: the saved deltas, the active ones and a composition other than plain stacking."""
     index = {"format": "deltatune", "deltas": dm.deltas, "active": list(dm.active)}
     if not dm.composition.is_plain_stack():
         index["composition"] = dm.composition.to_dict()
@@ -194,39 +213,6 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path) -> Non
                 )
 
 
-def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
-    """Load a saved delta (or a directory of them) onto `model` (a module or a DeltaModel)."""
-    from .model import DeltaModel
-
-    root = Path(path)
-    if not root.exists():
-        raise CheckpointError(f"{root} does not exist.")
-    if not (root / CONFIG_FILE).exists() and not (root / INDEX_FILE).exists():
-        for detect, loader in LOADERS:
-            if detect(root):
-                return loader(model, root, name)
-        raise CheckpointError(f"{root} holds no {CONFIG_FILE} or {INDEX_FILE}: not a saved delta.")
-    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    if (root / CONFIG_FILE).exists():
-        load_one(dm, root, name)
-        return dm
-    index = _read_json(root / INDEX_FILE)
-    names = index.get("deltas", []) if isinstance(index, dict) else []
-    if name is not None:
-        if name not in names:
-            raise CheckpointError(f"{root} holds deltas {names}, not {name!r}.")
-        names = [name]
-    for n in names:
-        load_one(dm, root / n, n, activate=False)
-    comp = index.get("composition")
-    if comp is not None and set(compose.from_dict(comp).names()) <= set(names):
-        dm.activate(compose.from_dict(comp))
-        return dm
-    active = [n for n in index.get("active", []) if n in names and not dm.get_delta(n).combiner]
-    dm.activate(*(active or [n for n in names if not dm.get_delta(n).combiner][:1]))
-    return dm
-
-
 def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
     meta = read_meta(root)
     check_fingerprint(dm.model, meta, root)
@@ -245,3 +231,10 @@ def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
         raise
     if activate and not delta.combiner:  # a fusion runs only inside activate(..., fusion=name)
         dm.activate(name)
+
+
+def _subdirectory(root: Path, name: str) -> Path:
+    return root / name
+
+
+SAVERS["deltatune"] = Saver(save_one, _subdirectory, write_index)

@@ -18,6 +18,12 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def num_layers(model: nn.Module) -> int | None:
+    """Blocks in the model: one more than the highest block index of any module name."""
+    idx = [i for i in (layer_index(n) for n, _ in model.named_modules()) if i is not None]
+    return max(idx) + 1 if idx else None
+
+
 def name_matches(name: str, targets: list[str] | str) -> bool:
     """A list matches by suffix on dotted components, a string is a full regex match."""
     if isinstance(targets, str):
@@ -55,8 +61,6 @@ def select(
 
     Modules under another matched module are kept too: methods filter by type afterwards.
     """
-    from .arch import num_layers
-
     wanted = resolve_layers(layers, num_layers(model) if layers else None)
     names: list[str] = []
     found: list[tuple[str, object]] = []

@@ -15,8 +15,9 @@ import torch.nn as nn
 from ..core.delta import Delta, key_to_path
 from ..core.layer import ParamCopy
 from ..errors import CheckpointError, ConfigError
-from .peft_format import (KeyRule, PeftFields, PeftMapping, exact_regex, peft_selects, register_peft,
-                          targets_to_ours, targets_to_peft, tested)
+from .peft_registry import register_peft
+from .peft_schema import KeyRule, PeftFields, PeftMapping, tested
+from .peft_targets import exact_regex, peft_selects, targets_to_ours, targets_to_peft
 
 
 def _paths(delta: Delta) -> list[str]:

@@ -20,7 +20,9 @@ import torch.nn as nn
 from ..core.delta import Delta, key_to_path
 from ..core.layer import ParamCopy, ParamDiff
 from ..errors import ConfigError
-from .peft_format import KeyRule, PeftFields, PeftMapping, register_peft, targets_to_ours, targets_to_peft
+from .peft_registry import register_peft
+from .peft_schema import KeyRule, PeftFields, PeftMapping
+from .peft_targets import targets_to_ours, targets_to_peft
 
 
 def _is_embedding(module: nn.Module | None) -> bool:

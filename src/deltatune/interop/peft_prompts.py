@@ -19,18 +19,9 @@ import torch.nn as nn
 from ..core.delta import ROOT_KEY, Delta
 from ..errors import CheckpointError, ConfigError
 from ..methods import _soft as soft
-from .peft_format import KeyRule, PeftFields, PeftMapping, register_peft, resolve_heads, targets_to_peft, tested
-
-# model class name endings -> peft task_type (which PeftModel subclass applies the prompt)
-_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-          ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
-          ("ForQuestionAnswering", "QUESTION_ANS"))
-
-
-def task_type(model: nn.Module) -> str:
-    name = type(model).__name__
-    return next((t for end, t in _TASKS if name.endswith(end)), "FEATURE_EXTRACTION")
-
+from .peft_registry import register_peft
+from .peft_schema import KeyRule, PeftFields, PeftMapping, task_type, tested
+from .peft_targets import resolve_heads, targets_to_peft
 
 def _common_to_ours(method: str, fields: PeftFields, model: nn.Module) -> dict[str, Any]:
     dim = soft.input_embedding(model)[1].embedding_dim

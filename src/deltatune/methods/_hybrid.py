@@ -49,16 +49,18 @@ def attention_modules(model: nn.Module, layers: list[int] | None, method: str) -
 
 
 class PrefixGate(DeltaLayer):
-    """On an attention module: scales this layer's prefix in the cache by the gate (first call only)."""
+    """On an attention module: scales this layer's prefix in the cache by the gate (first call only).
 
-    def __init__(self, owner: DeltaLayer, dim: int, index: int, dtype: torch.dtype):
+    The model-level PrefixLayer leaves the cache it filled in the call context under `key`."""
+
+    def __init__(self, key: str, dim: int, index: int, dtype: torch.dtype):
         super().__init__()
         self.gate = Gate(dim, dtype)
-        self._owner = (owner,)  # the model-level PrefixLayer, registered under its own path
+        self.key = key
         self.index = index
 
     def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        filled = self._owner[0]._filled
+        filled = self.call_context().get(self.key)
         if filled is None:  # no prefix filled by this call (a continued generation step)
             return args, kwargs
         layer = filled[0].layers[getattr(module, "layer_idx", self.index)]
@@ -68,8 +70,9 @@ class PrefixGate(DeltaLayer):
         return args, kwargs
 
 
-def gate_prefix(add: Any, owner: DeltaLayer, model: nn.Module, layers: list[int] | None,
+def gate_prefix(add: Any, key: str, model: nn.Module, layers: list[int] | None,
                 method: str, dim: int, dtype: torch.dtype) -> None:
-    """Add a PrefixGate on every attention module through ``add(path, layer)``."""
+    """Add a PrefixGate on every attention module through ``add(path, layer)``; `key`: the prefix
+    layer's call-context key."""
     for i, path in enumerate(attention_modules(model, layers, method)):
-        add(path, PrefixGate(owner, dim, i, dtype))
+        add(path, PrefixGate(key, dim, i, dtype))

@@ -12,42 +12,52 @@ With dW_i = s_i B_i A_i the update of delta i on a module (zero where it has non
   rescaled by 1/density; then the weighted sum and SVD to ``rank``.
 Task heads saved with the deltas combine as base + sum_i w_i (head_i - base). DoRA deltas have a
 per-row magnitude that does not combine linearly, so they are refused.
+
+The caller (``LoRADelta.weighted``) names its delta class and its layer class, so this module needs
+nothing from lora.py (no import cycle): the new delta is ``cls(name, cls.config_cls(...), model)``,
+and layers are read and written only through their factors (``Factors``).
 """
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-from ..core.delta import key_to_path, path_to_key
-from ..core.layer import ParamCopy
+from ..core.delta import Delta, key_to_path, path_to_key
+from ..core.layer import DeltaLayer, ParamCopy
 from ..errors import ConfigError, MergeError
-
-if TYPE_CHECKING:
-    from .lora import LoRADelta, LoRALayer
 
 HOWS = ("linear", "svd", "ties", "dare")
 
 
-def weighted(cls: type[LoRADelta], name: str, deltas: list[LoRADelta], weights: list[float],
-             model: nn.Module, how: str = "linear", rank: int | None = None, density: float = 0.5,
-             seed: int = 0) -> LoRADelta:
-    from .lora import LoRAConfig, LoRALayer
+class Factors(Protocol):
+    """What a combination reads and writes of a LoRA layer: dW = scaling * lora_B @ lora_A."""
 
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    def update(self) -> torch.Tensor: ...
+
+
+def weighted(cls: type[Delta], layer_type: type[DeltaLayer], name: str, deltas: list[Delta],
+             weights: list[float], model: nn.Module, how: str = "linear", rank: int | None = None,
+             density: float = 0.5, seed: int = 0) -> Delta:
+    """The new delta of class `cls`; `layer_type`: the layers (with ``Factors``) that combine."""
     _check_options(how, rank, density)
     for d in deltas:
         if d.config.dora:
             raise MergeError(f"delta {d.name!r} uses DoRA, whose magnitude vector does not combine "
                              f"linearly: add_weighted() takes plain LoRA (or rsLoRA) deltas.")
-        odd = [k for k, lay in d.layers.items() if not isinstance(lay, (LoRALayer, ParamCopy))]
+        odd = [k for k, lay in d.layers.items() if not isinstance(lay, (layer_type, ParamCopy))]
         if odd:
             raise MergeError(f"delta {d.name!r} has a {type(d.layers[odd[0]]).__name__} at "
                              f"{key_to_path(odd[0])}: add_weighted() combines LoRA layers only.")
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     paths = sorted({key_to_path(k) for d in deltas for k, lay in d.layers.items()
-                    if isinstance(lay, LoRALayer)}, key=order.__getitem__)
+                    if isinstance(lay, layer_type)}, key=order.__getitem__)
     parts = {p: [d.layers[path_to_key(p)] if path_to_key(p) in d.layers else None for d in deltas]
              for p in paths}
     if how == "linear":  # every source factor kept: per module, the sum of the ranks found there
@@ -59,13 +69,13 @@ def weighted(cls: type[LoRADelta], name: str, deltas: list[LoRADelta], weights: 
     pattern = {re.escape(p): r for p, r in ranks.items() if r != r_new} or None
     heads = sorted({h for d in deltas for h in d.head_names(model)})
     dropouts = {d.config.dropout for d in deltas}
-    cfg = LoRAConfig(r=r_new, alpha=float(r_new), targets=paths, modules_to_save=heads, rank_pattern=pattern,
-                     dropout=dropouts.pop() if len(dropouts) == 1 else 0.0)
+    cfg = cls.config_cls(r=r_new, alpha=float(r_new), targets=paths, modules_to_save=heads,
+                         rank_pattern=pattern, dropout=dropouts.pop() if len(dropouts) == 1 else 0.0)
     new = cls(name, cfg, model)
     gen = torch.Generator().manual_seed(seed)  # dare's random masks, drawn in module order
     with torch.no_grad():
         for path in paths:
-            layer: LoRALayer = new.layers[path_to_key(path)]
+            layer: Factors = new.layers[path_to_key(path)]
             if how == "linear":
                 _concat(layer, parts[path], weights)
             else:
@@ -87,7 +97,7 @@ def _check_options(how: str, rank: int | None, density: float) -> None:
         raise ConfigError(f"density={density!r} is invalid: expected a fraction in (0, 1].")
 
 
-def _concat(layer: LoRALayer, parts: list[Any], weights: list[float]) -> None:
+def _concat(layer: Factors, parts: list[Factors | None], weights: list[float]) -> None:
     a_blocks, b_blocks = [], []
     for part, w in zip(parts, weights):
         if part is not None:
@@ -123,7 +133,7 @@ def _ties(tau: torch.Tensor, w: torch.Tensor, density: float) -> torch.Tensor:
     return (w * trimmed * agree).sum(0) / agree.sum(0).clamp(min=1.0)
 
 
-def _factorize(layer: LoRALayer, dense: torch.Tensor) -> None:
+def _factorize(layer: Factors, dense: torch.Tensor) -> None:
     """lora_B @ lora_A * scaling = the best rank-r approximation of `dense` (sqrt(S) on each side)."""
     r = layer.lora_A.shape[0]
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
@@ -137,7 +147,7 @@ def _factorize(layer: LoRALayer, dense: torch.Tensor) -> None:
     layer.lora_B.copy_((b / layer.scaling).to(layer.lora_B.dtype))
 
 
-def _combine_heads(new: LoRADelta, deltas: list[LoRADelta], weights: list[float], model: nn.Module) -> None:
+def _combine_heads(new: Delta, deltas: list[Delta], weights: list[float], model: nn.Module) -> None:
     for key, layer in new.layers.items():
         if not isinstance(layer, ParamCopy):
             continue

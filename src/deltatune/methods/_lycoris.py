@@ -1,36 +1,12 @@
-"""Shared by LoHa and LoKr (the LyCORIS family): a layer whose update ΔW is built densely from its
-factors, added to the output as ``F.linear(x, ΔW)`` and merged as ``W += ΔW``."""
+"""Shared by LoHa and LoKr (the LyCORIS family): their init and the factorization of a dimension.
+Their layers are ``_weights.WeightUpdateLayer`` (ΔW built densely from the factors, added to the
+output as ``F.linear(x, ΔW)`` and merged as ``W += ΔW``)."""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from ..core.layer import DeltaLayer
-from ._weights import writable_weight
-
-
-class WeightUpdateLayer(DeltaLayer):
-    mergeable = True
-
-    def update(self) -> torch.Tensor:
-        """ΔW as (out, in)."""
-        raise NotImplementedError
-
-    def post(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + F.linear(x, self.update().to(x.dtype))
-
-    @torch.no_grad()
-    def merge(self, module: nn.Module) -> None:
-        w = writable_weight(module)
-        w.add_(self.update().to(w.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, module: nn.Module) -> None:
-        w = writable_weight(module, "unmerge from")
-        w.sub_(self.update().to(w.dtype))
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:

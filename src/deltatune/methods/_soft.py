@@ -270,4 +270,4 @@ def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.unsqueeze(0).expand(batch, *t.shape)
 
 
-Maker = Callable[[nn.Module], DeltaLayer]
+Maker = Callable[[nn.Module, str], DeltaLayer]  # (host module, call-context key) -> input layer

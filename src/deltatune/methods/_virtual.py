@@ -39,21 +39,23 @@ class VirtualTokens(soft.Foldable):
     """The input layer; subclasses say where the (n, dim) virtual embeddings come from."""
 
     def __init__(self, model: nn.Module, host: nn.Module, n: int, insert_at: int | None,
-                 strip_outputs: bool):
+                 strip_outputs: bool, key: str):
+        """`key`: the call-context name prefix: ``<key>:table`` holds the virtual embeddings for the
+        embedding layer, ``<key>:slot`` where this call's tokens went (for cutting the outputs)."""
         super().__init__()
         self.n = n
+        self.key = key
         self.vocab_size = soft.input_embedding(model, host)[1].num_embeddings
         self.insert_at = soft.default_insert_at(model) if insert_at is None else insert_at
         self.limit = soft.position_limit(host)
         self.strip_outputs = strip_outputs
-        self._slot: tuple[int, int] | None = None
 
     def virtual_embeddings(self) -> torch.Tensor:
         return self.value()
 
     # -- the call ---------------------------------------------------------------------------------
     def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._slot = None
+        self.call_context().pop(f"{self.key}:slot")
         kw = soft.bind(module, args, kwargs)
         x = kw.get("input_ids")
         x = kw.get("inputs_embeds") if x is None else x
@@ -88,11 +90,12 @@ class VirtualTokens(soft.Foldable):
                                   "activate only one of them.")
             virtual = torch.arange(n, device=ids.device) + self.vocab_size
             kw["input_ids"] = soft.insert_cols(ids, k, virtual.expand(batch, n))
+            self.call_context().put(f"{self.key}:table", self.virtual_embeddings())
         else:
             emb = kw["inputs_embeds"]
             kw["inputs_embeds"] = soft.insert_cols(emb, k, soft.expand_batch(self.virtual_embeddings(), batch))
         self._extend_per_token(kw, batch, length, k)
-        self._slot = (k, length + n)
+        self.call_context().put(f"{self.key}:slot", (k, length + n))
 
     def _extend_per_token(self, kw: dict[str, Any], batch: int, length: int, k: int) -> None:
         n = self.n
@@ -118,7 +121,7 @@ class VirtualTokens(soft.Foldable):
                 kw[name] = torch.where(v >= k, v + n, v)
 
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        slot, self._slot = self._slot, None
+        slot = self.call_context().pop(f"{self.key}:slot")
         if slot is None or not self.strip_outputs or not isinstance(out, dict):
             return out
         k, total = slot
@@ -142,29 +145,33 @@ class VirtualTokens(soft.Foldable):
 
 
 class VirtualEmbedding(DeltaLayer):
-    """On the input embedding table: ids >= vocab_size are looked up in the owner's prompt."""
+    """On the input embedding table: ids >= vocab_size are looked up in the virtual embeddings that
+    the input layer left in the call context (``<key>:table``)."""
 
-    def __init__(self, owner: VirtualTokens):
+    def __init__(self, key: str):
         super().__init__()
-        self._owner = (owner,)  # a tuple: the owner is registered (and saved) under its own path
-        self._stash: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.key = key
 
     def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ids = args[0] if args else kwargs["input"]
         virtual = ids >= module.num_embeddings
         if not bool(virtual.any()):
-            self._stash = None
             return args, kwargs
-        self._stash = (virtual, (ids - module.num_embeddings).clamp(min=0))
+        self.call_context().put(f"{self.key}:lookup", (virtual, (ids - module.num_embeddings).clamp(min=0)))
         clean = ids.masked_fill(virtual, 0)
         return ((clean, *args[1:]), kwargs) if args else (args, {**kwargs, "input": clean})
 
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        stash, self._stash = self._stash, None
-        if stash is None:
+        ctx = self.call_context()
+        lookup = ctx.pop(f"{self.key}:lookup")
+        if lookup is None:
             return out
-        virtual, index = stash
-        table = self._owner[0].virtual_embeddings()
+        virtual, index = lookup
+        table = ctx.pop(f"{self.key}:table")
+        if table is None:
+            raise ConfigError(f"input ids reach past the vocabulary ({module.num_embeddings}) but no "
+                              f"virtual tokens were inserted by this call: pass token ids below "
+                              f"{module.num_embeddings}.")
         if int(index.max()) >= table.shape[0]:
             raise ConfigError(f"input ids reach past the vocabulary ({module.num_embeddings}) and the "
                               f"{table.shape[0]} virtual tokens: check the tokenizer and the model.")
@@ -175,30 +182,30 @@ class VirtualEmbedding(DeltaLayer):
 class CrossMask(DeltaLayer):
     """On an encoder-decoder's decoder: the encoder mask gets the virtual tokens' columns too."""
 
-    def __init__(self, owner: VirtualTokens):
+    def __init__(self, n: int, insert_at: int):
         super().__init__()
-        self._owner = (owner,)
+        self.n, self.insert_at = n, insert_at
 
     def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        owner = self._owner[0]
         kw = soft.bind(module, args, kwargs)
         states, mask = kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")
-        if states is None or mask is None or mask.dim() != 2 or mask.shape[1] + owner.n != states.shape[1]:
+        if states is None or mask is None or mask.dim() != 2 or mask.shape[1] + self.n != states.shape[1]:
             return args, kwargs
-        kw["encoder_attention_mask"] = soft.ones_mask(mask, min(owner.insert_at, mask.shape[1]), owner.n)
+        kw["encoder_attention_mask"] = soft.ones_mask(mask, min(self.insert_at, mask.shape[1]), self.n)
         return (), kw
 
 
 def attach(delta: Delta, model: nn.Module, make: soft.Maker) -> VirtualTokens:
-    """Add the input layer (built by ``make(host)``), the embedding layer and, on encoder-decoders,
+    """Add the input layer (built by ``make(host, key)``), the embedding layer and, on encoder-decoders,
     the cross-mask layer to `delta`."""
+    key = f"{delta.name}:virtual"
     if soft.is_encoder_decoder(model):
         encoder, decoder = model.get_encoder(), model.get_decoder()
         host_path = soft.module_path(model, encoder)
-        layer = make(encoder)
-        delta.add_layer(soft.module_path(model, decoder), CrossMask(layer))
+        layer = make(encoder, key)
+        delta.add_layer(soft.module_path(model, decoder), CrossMask(layer.n, layer.insert_at))
     else:
-        encoder, host_path, layer = None, "", make(model)
+        encoder, host_path, layer = None, "", make(model, key)
     delta.add_layer(host_path, layer)
-    delta.add_layer(soft.input_embedding(model, encoder)[0], VirtualEmbedding(layer))
+    delta.add_layer(soft.input_embedding(model, encoder)[0], VirtualEmbedding(key))
     return layer

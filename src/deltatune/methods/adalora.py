@@ -20,7 +20,7 @@ records each module's kept rank, so loading rebuilds exactly the kept shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, key_to_path, path_to_key
-from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ..errors import CheckpointError, ConfigError, DeltaError
-from ._weights import module_dims, writable_weight
+from ._weights import LowRankLayer, module_dims
 
 _NAMES = ("lora_A", "lora_B", "lora_E")
 
@@ -41,6 +40,7 @@ _NAMES = ("lora_A", "lora_B", "lora_E")
 class AdaLoRAConfig(DeltaConfig):
     """total_step: the number of optimizer steps (required). tinit: warm-up steps at the full
     budget; tfinal: final steps at the target budget; deltaT: steps between reallocations."""
+    method: ClassVar[str] = "adalora"
 
     init_r: int = 12
     target_r: int = 8
@@ -77,14 +77,14 @@ class AdaLoRAConfig(DeltaConfig):
                            f"(no steps are left to prune in); lower tinit/tfinal or raise total_step")
 
 
-class SVDLayer(DeltaLayer):
-    mergeable = True
+class SVDLayer(LowRankLayer):
+    """The shared low-rank layer with down = Λ Q x (pruned values masked) and up = s P h; adds the
+    triplet masks, the sensitivity capture and the orthogonality term."""
 
     def __init__(self, module: nn.Module, cfg: AdaLoRAConfig):
-        super().__init__()
+        super().__init__(cfg.dropout)
         self.d_in, self.d_out = module_dims(module)
         self.scaling = cfg.alpha / (cfg.init_r + 1e-5)  # peft: alpha / (ranknum + 1e-5), ranknum = init_r
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         self._hooks: list[Any] = []
         self.sensitivity: dict[str, torch.Tensor] = {}  # |w * grad| of the last backward
         self.resize(cfg.init_r, like=module.weight)
@@ -115,22 +115,14 @@ class SVDLayer(DeltaLayer):
         return self.lora_E * self.mask.unsqueeze(1).to(self.lora_E.dtype)
 
     def update(self) -> torch.Tensor:
+        """s P Λ Q as (out, in)."""
         return self.lora_B @ (self.lora_A * self.values()) * self.scaling
 
-    def post(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return y + F.linear(F.linear(x, self.lora_A * self.values()), self.lora_B) * self.scaling
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.lora_A * self.values())
 
-    @torch.no_grad()
-    def merge(self, module: nn.Module) -> None:
-        w = writable_weight(module)
-        w.add_(self.update().to(w.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, module: nn.Module) -> None:
-        w = writable_weight(module, "unmerge from")
-        w.sub_(self.update().to(w.dtype))
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.lora_B) * self.scaling
 
     @torch.no_grad()
     def set_mask(self, keep: torch.Tensor) -> None:
@@ -172,6 +164,8 @@ class Importance:
 
 
 class AdaLoRADelta(Delta):
+    config_cls = AdaLoRAConfig
+
     default_roles = ("query", "value")
     supported_types = (nn.Linear, Conv1D)
 

@@ -21,7 +21,7 @@ mixed. Not mergeable into the base weights (adapters are non-linear).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ from .adapter import ACTIVATIONS, AdapterConfig, AdapterDelta, Bottleneck, linea
 class AdaMixConfig(AdapterConfig):
     """The ``adapter`` fields plus num_experts (per projection) and consistency (the weight of the
     consistency loss between two stochastically routed passes; 0 = one pass, no loss)."""
+    method: ClassVar[str] = "adamix"
 
     num_experts: int = 4
     consistency: float = 1.0
@@ -139,6 +140,8 @@ def logits(out: Any) -> torch.Tensor:
 
 
 class AdaMixDelta(AdapterDelta):
+    config_cls = AdaMixConfig
+
     def build(self, model: nn.Module) -> None:
         super().build(model)
         if self.config.consistency > 0:

@@ -12,8 +12,9 @@ do not merge into the base weights.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,7 @@ class AdapterConfig(SublayerConfig):
     """reduction_factor: bottleneck m = hidden // reduction_factor (unless `bottleneck` is given).
     scaling: factor on the adapter output; None = 4.0 for parallel (He et al. 2022), else 1.0.
     layer_norm: a LayerNorm on the adapter input. dropout: on the adapter output."""
+    method: ClassVar[str] = "adapter"
 
     reduction_factor: float = 16.0
     bottleneck: int | None = None
@@ -110,29 +112,30 @@ class SerialAdapter(DeltaLayer):
 
 
 class InputTap(DeltaLayer):
-    """Keeps the input of the module that receives a sublayer's input, for a ParallelAdapter."""
+    """Leaves the input of the module that receives a sublayer's input in the call context, under
+    `key`, for the ParallelAdapter at the sublayer's output."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str) -> None:
         super().__init__()
-        self.seen: torch.Tensor | None = None
+        self.key = key
 
     def post(self, module: nn.Module, x: Any, y: Any) -> Any:
-        self.seen = x
+        self.call_context().put(self.key, x)
         return y
 
 
 class ParallelAdapter(DeltaLayer):
-    """y -> y + f(x), x the sublayer input (this module's own input, or an InputTap's)."""
+    """y -> y + f(x), x the sublayer input: this module's own input, or an InputTap's (`tap_key`)."""
 
-    def __init__(self, adapter: nn.Module, tap: InputTap | None, path: str):
+    def __init__(self, adapter: nn.Module, tap_key: str | None, path: str):
         super().__init__()
         self.adapter = adapter
-        self._tap = [tap] if tap is not None else []  # a list: not a registered submodule
+        self.tap_key = tap_key
         self._path = path
 
     def post(self, module: nn.Module, x: Any, y: Any) -> Any:
-        if self._tap:
-            x, self._tap[0].seen = self._tap[0].seen, None
+        if self.tap_key is not None:
+            x = self.call_context().pop(self.tap_key)
             if x is None:
                 raise ConfigError(f"the parallel adapter at {self._path} did not see its sublayer input: "
                                   f"the '*_block_in' module must run before {self._path}.")
@@ -141,30 +144,29 @@ class ParallelAdapter(DeltaLayer):
 
 
 class AdapterDelta(Delta):
+    config_cls = AdapterConfig
+
     def build(self, model: nn.Module) -> None:
         for site in find_sites(model, self.config, self.config.method):
             net = self.bottleneck(site)
             if not self.config.parallel:
                 self.add_layer(site.path, SerialAdapter(net))
                 continue
-            tap = None
+            key = None
             if site.input_path != site.path:
-                tap = InputTap()
-                self.add_layer(site.input_path, tap, self._clash(site.input_path))
-            self.add_layer(site.path, ParallelAdapter(net, tap, site.path), self._clash(site.path))
+                key = f"{self.name}:{site.input_path}:input"
+                self.add_layer(site.input_path, InputTap(key), self._clash(site.input_path))
+            self.add_layer(site.path, ParallelAdapter(net, key, site.path), self._clash(site.path))
 
     def _clash(self, path: str) -> str:
         return (f"{path!r} is both a sublayer input and output for method {self.config.method!r}: "
                 f"name distinct modules in sublayers=.")
 
     def bottleneck(self, site: Site) -> Bottleneck:
-        cfg = self.config
-        m = cfg.bottleneck_size(site.dim)
-        net = Bottleneck(site.dim, cfg, self.projection(site.dim, m, up=False),
-                         self.projection(m, site.dim, up=True))
-        return net.to(site.dtype)
+        return bottleneck(site, self.config, self.projection)
 
     def projection(self, d_in: int, d_out: int, up: bool) -> nn.Module:
+        """One of the bottleneck's two projections (Compacter, SparseAdapter override it)."""
         return linear_projection(d_in, d_out, up, self.config.init)
 
 
@@ -180,12 +182,15 @@ def linear_projection(d_in: int, d_out: int, up: bool, init: str) -> nn.Linear:
     return lin
 
 
-def plain_bottleneck(site: Site, cfg: AdapterConfig) -> Bottleneck:
-    """The bottleneck adapter of `cfg` for one site (what AdapterDelta builds)."""
+def bottleneck(site: Site, cfg: AdapterConfig,
+               projection: Callable[[int, int, bool], nn.Module] | None = None) -> Bottleneck:
+    """The bottleneck adapter of `cfg` at one site; ``projection(d_in, d_out, up)`` builds its two
+    projections (default: linear ones with the config's init)."""
+    if projection is None:
+        def projection(d_in: int, d_out: int, up: bool) -> nn.Module:
+            return linear_projection(d_in, d_out, up, cfg.init)
     m = cfg.bottleneck_size(site.dim)
-    net = Bottleneck(site.dim, cfg, linear_projection(site.dim, m, False, cfg.init),
-                     linear_projection(m, site.dim, True, cfg.init))
-    return net.to(site.dtype)
+    return Bottleneck(site.dim, cfg, projection(site.dim, m, False), projection(m, site.dim, True)).to(site.dtype)
 
 
 register("adapter", AdapterConfig, AdapterDelta, family="additive", lr=5e-3,

@@ -6,6 +6,7 @@ built: there would be nothing to train.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn as nn
 
@@ -17,11 +18,15 @@ from .partial import PartialConfig, PartialDelta
 
 @dataclass
 class BitFitConfig(PartialConfig):
+    method: ClassVar[str] = "bitfit"
+
     def __post_init__(self) -> None:
         super(PartialConfig, self).__post_init__()  # no last-layer default: every bias
 
 
 class BitFitDelta(PartialDelta):
+    config_cls = BitFitConfig
+
     def param_pattern(self, model):
         return ["bias"] if self.config.params is None else self.config.params
 

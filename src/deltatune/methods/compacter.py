@@ -13,7 +13,7 @@ from N(0, 0.01^2)); s, t Xavier-normal.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ class CompacterConfig(AdapterConfig):
     bottleneck from ``reduction_factor`` is rounded down to a multiple of n, and is at least n,
     e.g. 576 // 32 = 18 -> 16 on SmolLM2-135M; an explicit ``bottleneck`` is used as given).
     rank: rank of the fast factors (1 in the paper)."""
+    method: ClassVar[str] = "compacter"
 
     reduction_factor: float = 32.0
     activation: str = "gelu"
@@ -88,6 +89,8 @@ class PHMLinear(nn.Module):
 
 
 class CompacterDelta(AdapterDelta):
+    config_cls = CompacterConfig
+
     def build(self, model: nn.Module) -> None:
         n = self.config.n
         rule = torch.randn(n, n, n) / n ** 0.5

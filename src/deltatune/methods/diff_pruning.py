@@ -22,13 +22,17 @@ import torch
 import torch.nn as nn
 
 from ..core.registry import register
-from ._sparse import SparseConfig, SparseDiffLayer, SparseTargetsDelta, topk_global
+from ._sparse_config import SparseConfig
+from ._sparse_index import topk_global
+from ._sparse_layer import SparseDiffLayer
+from ._sparse_targets import SparseTargetsDelta
 
 
 @dataclass
 class DiffPruningConfig(SparseConfig):
     """density: fraction of target entries kept by ``finalize()``. l0_penalty: weight of the
     expected-L0 term. low < 0 < 1 < high stretch the gate; beta is its temperature."""
+    method: ClassVar[str] = "diff_pruning"
 
     switch_fraction: ClassVar[float | None] = 2 / 3  # L0 phase, then the projection and fixed-mask steps
     density: float = 0.005
@@ -80,6 +84,8 @@ class DiffPruningLayer(SparseDiffLayer):
 
 
 class DiffPruningDelta(SparseTargetsDelta):
+    config_cls = DiffPruningConfig
+
     def make_sparse_layer(self, module: nn.Module, names: list[str]) -> DiffPruningLayer:
         return DiffPruningLayer(module, names, self.config)
 

@@ -17,7 +17,7 @@ fusion's head replaces the members' heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ from ._sublayers import SublayerConfig, find_sites
 class FusionConfig(SublayerConfig):
     """temperature: softmax temperature T. dropout: on the attention scores.
     value_reg: weight of the ||V - I||^2 regularizer."""
+    method: ClassVar[str] = "fusion"
 
     placement: str = "pfeiffer"
     temperature: float = 1.0
@@ -79,6 +80,7 @@ class FusionLayer(CombiningLayer):
 
 
 class FusionDelta(Delta):
+    config_cls = FusionConfig
     combiner = True
 
     def build(self, model: nn.Module) -> None:

@@ -10,6 +10,7 @@ scaled whole (queries too), as in peft.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,7 @@ _EXACT = 1e-4  # below this |l|, dividing back would lose the weight: keep a cop
 class IA3Config(DeltaConfig):
     """feedforward: which targeted modules scale their input (suffixes or a regex); None: those
     playing the architecture's ``ffn_out`` role. Every other target scales its output."""
+    method: ClassVar[str] = "ia3"
 
     feedforward: list[str] | str | None = None
 
@@ -85,6 +87,8 @@ class IA3Layer(DeltaLayer):
 
 
 class IA3Delta(Delta):
+    config_cls = IA3Config
+
     default_roles = ("key", "value", "ffn_out")
     supported_types = (nn.Linear, Conv1D)
 

@@ -3,6 +3,7 @@ and bias (LayerNorm, RMSNorm, T5LayerNorm)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..core import arch
 from ..core.registry import register
@@ -11,11 +12,15 @@ from .partial import PartialConfig, PartialDelta
 
 @dataclass
 class LayerNormConfig(PartialConfig):
+    method: ClassVar[str] = "layernorm"
+
     def __post_init__(self) -> None:
         super(PartialConfig, self).__post_init__()  # every norm layer by default
 
 
 class LayerNormDelta(PartialDelta):
+    config_cls = LayerNormConfig
+
     def module_pattern(self, model):
         if self.config.targets is not None:
             return self.config.targets

@@ -7,6 +7,7 @@ Kaiming-uniform, W2b zero (identity at init). Linear and GPT-2 Conv1D (as (out, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -15,12 +16,13 @@ from transformers.pytorch_utils import Conv1D
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.registry import register
-from ._lycoris import WeightUpdateLayer, kaiming_
-from ._weights import module_dims
+from ._lycoris import kaiming_
+from ._weights import WeightUpdateLayer, module_dims
 
 
 @dataclass
 class LoHaConfig(DeltaConfig):
+    method: ClassVar[str] = "loha"
     r: int = 8
     alpha: float = 8.0
 
@@ -46,6 +48,8 @@ class LoHaLayer(WeightUpdateLayer):
 
 
 class LoHaDelta(Delta):
+    config_cls = LoHaConfig
+
     default_roles = ("query", "value")
     supported_types = (nn.Linear, Conv1D)
 

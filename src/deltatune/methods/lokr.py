@@ -8,6 +8,7 @@ W1 (or W1a) zero, the rest Kaiming-uniform (identity at init). Linear and GPT-2 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -16,14 +17,15 @@ from transformers.pytorch_utils import Conv1D
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.registry import register
-from ._lycoris import WeightUpdateLayer, factorization, kaiming_
-from ._weights import module_dims
+from ._lycoris import factorization, kaiming_
+from ._weights import WeightUpdateLayer, module_dims
 
 
 @dataclass
 class LoKrConfig(DeltaConfig):
     """decompose_factor: the size of the small Kronecker factor when it divides the dimension
     (-1: the divisor pair nearest the square root). decompose_both: low-rank W1 too."""
+    method: ClassVar[str] = "lokr"
 
     r: int = 8
     alpha: float = 8.0
@@ -67,6 +69,8 @@ class LoKrLayer(WeightUpdateLayer):
 
 
 class LoKrDelta(Delta):
+    config_cls = LoKrConfig
+
     default_roles = ("query", "value")
     supported_types = (nn.Linear, Conv1D)
 

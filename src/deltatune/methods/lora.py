@@ -9,6 +9,8 @@ W' = m * (W + sBA) / ||W + sBA||, m initialised to ||W|| (row norms), the norm n
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 import re
 from dataclasses import dataclass
@@ -23,11 +25,13 @@ from ..core.delta import Delta
 from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ..errors import ConfigError
-from ._weights import dense_weight, module_dims, weight_out_in, writable_weight  # noqa: F401
+from . import _lora_merge
+from ._weights import LowRankLayer, dense_weight, module_dims, writable_weight
 
 
 @dataclass
 class LoRAConfig(DeltaConfig):
+    method: ClassVar[str] = "lora"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -84,11 +88,12 @@ def _pattern_value(patterns: dict | None, path: str, default):
     return default
 
 
-class LoRALayer(DeltaLayer):
-    mergeable = True
+class LoRALayer(LowRankLayer):
+    """s B A on top of the shared low-rank layer: down = s A x, up = B h; lookups on embeddings,
+    and DoRA's per-row magnitude, which changes the forward and the merge."""
 
     def __init__(self, module: nn.Module, cfg: LoRAConfig, r: int | None = None, alpha: float | None = None):
-        super().__init__()
+        super().__init__(cfg.dropout)
         r = cfg.r if r is None else r
         alpha = cfg.alpha if alpha is None else alpha
         d_in, d_out = module_dims(module)
@@ -104,7 +109,6 @@ class LoRALayer(DeltaLayer):
             nn.init.normal_(self.lora_A, std=1 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         if cfg.dora:
             if self.embedding:
                 raise ConfigError("DoRA supports Linear and Conv1D modules, not Embedding: "
@@ -119,16 +123,20 @@ class LoRALayer(DeltaLayer):
         """s * B A as (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.lora_A) * self.scaling
+
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.lora_B)
+
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embedding:
+        if self.embedding:  # token ids, not features: look up A's columns (no dropout on ids)
             return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return super().low_rank(x)
 
     def post(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.magnitude is None:
-            return y + self.low_rank(x)
+            return super().post(module, x, y)
         return y + self._dora(module, x, y)
 
     def _dora(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -141,27 +149,29 @@ class LoRALayer(DeltaLayer):
         else:
             x = self.dropout(x)
             base = F.linear(x, w)
-        return (scale - 1) * base + scale * F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return (scale - 1) * base + scale * self.up(self.down(x))
 
     @torch.no_grad()
     def merge(self, module: nn.Module) -> None:
+        if self.magnitude is None:
+            return super().merge(module)
         w = writable_weight(module)
         new = w + self.update().to(w.dtype)
-        if self.magnitude is not None:
-            self._merged_norm = new.norm(dim=1)
-            new = new * (self.magnitude / self._merged_norm).unsqueeze(1)
-        w.copy_(new)
+        self._merged_norm = new.norm(dim=1)
+        w.copy_(new * (self.magnitude / self._merged_norm).unsqueeze(1))
 
     @torch.no_grad()
     def unmerge(self, module: nn.Module) -> None:
-        w = writable_weight(module, "unmerge from")
         if self.magnitude is not None and self._merged_norm is not None:
+            w = writable_weight(module, "unmerge from")
             w.copy_(w * (self._merged_norm / self.magnitude).unsqueeze(1))
             self._merged_norm = None
-        w.sub_(self.update().to(w.dtype))
+        super().unmerge(module)
 
 
 class LoRADelta(Delta):
+    config_cls = LoRAConfig
+
     default_roles = ("query", "value")
     supported_types = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -171,9 +181,7 @@ class LoRADelta(Delta):
     @classmethod
     def weighted(cls, name, deltas, weights, model, how="linear", **options):
         """linear (exact factor concatenation), svd, ties or dare: see methods/_lora_merge.py."""
-        from ._lora_merge import weighted
-
-        return weighted(cls, name, deltas, weights, model, how=how, **options)
+        return _lora_merge.weighted(cls, LoRALayer, name, deltas, weights, model, how=how, **options)
 
 
 register("lora", LoRAConfig, LoRADelta, family="reparameterized", lr=5e-3, paper="Hu et al. 2021 (LoRA); "

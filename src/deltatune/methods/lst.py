@@ -24,7 +24,7 @@ on the new token alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,7 @@ from ..errors import TargetError
 class LSTConfig(DeltaConfig):
     """reduction_factor: side width = hidden size / this. heads: side attention heads (None: the
     backbone's, when they divide the side width, else 1). gate_temperature: T in sigmoid(alpha/T)."""
+    method: ClassVar[str] = "lst"
 
     reduction_factor: int = 8
     heads: int | None = None
@@ -160,6 +161,8 @@ class SideNetwork(DeltaLayer):
 
 
 class LSTDelta(Delta):
+    config_cls = LSTConfig
+
     default_roles = ("block",)
 
     def build(self, model: nn.Module) -> None:

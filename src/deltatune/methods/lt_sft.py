@@ -16,18 +16,23 @@ compose by addition: ``dm.activate("lang", "task")``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from ..core.registry import register
-from ._sparse import SparseConfig, SparseDiffLayer, SparseTargetsDelta, topk_global
+from ._sparse_config import SparseConfig
+from ._sparse_index import topk_global
+from ._sparse_layer import SparseDiffLayer
+from ._sparse_targets import SparseTargetsDelta
 
 
 @dataclass
 class LTSFTConfig(SparseConfig):
     """density: fraction of target entries kept for phase 2. l1: weight of an L1 pull towards the
     pretrained values, ``l1 * mean |difference|`` over the target entries (0: off)."""
+    method: ClassVar[str] = "lt_sft"
 
     density: float = 0.01
     l1: float = 0.0
@@ -58,6 +63,8 @@ class LTSFTLayer(SparseDiffLayer):
 
 
 class LTSFTDelta(SparseTargetsDelta):
+    config_cls = LTSFTConfig
+
     def make_sparse_layer(self, module: nn.Module, names: list[str]) -> LTSFTLayer:
         return LTSFTLayer(module, names)
 

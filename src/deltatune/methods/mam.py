@@ -13,6 +13,7 @@ are refused (as by ``prefix``). Not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn as nn
 
@@ -26,6 +27,7 @@ class MAMConfig(AdapterConfig):
     """The adapter fields of ``adapter`` (placement fixed to "parallel") plus prefix fields:
     num_virtual_tokens, projection (train the prefix through an MLP of width projection_hidden),
     save_reparam (also save that MLP, to resume training)."""
+    method: ClassVar[str] = "mam"
 
     placement: str = "parallel"
     reduction_factor: float = 2.0
@@ -45,6 +47,7 @@ class MAMConfig(AdapterConfig):
 
 class MAMDelta(PrefixDelta, AdapterDelta):
     """PrefixDelta's prefix at the model (saving and folding as ``prefix``) + AdapterDelta's sites."""
+    config_cls = MAMConfig
 
     encoder_decoder_hint = ("use 'adapter' with placement='parallel' (MAM's adapter half), stacked "
                             "with 'prompt' for virtual tokens in the encoder input")

@@ -22,14 +22,17 @@ from ..core.config import field_list
 from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ..errors import CheckpointError
-from ._sparse import (BufferDict, SparseConfig, SparseTargetsDelta, _flat_view, pack_bits,
-                      packed_size, unpack_bits)
+from ._sparse_bits import pack_bits, packed_size, unpack_bits
+from ._sparse_config import SparseConfig
+from ._sparse_store import BufferDict, flat_view
+from ._sparse_targets import SparseTargetsDelta
 
 
 @dataclass
 class MaskConfig(SparseConfig):
     """threshold: scores >= threshold keep their weight. init_score: the scores' start value
     (>= threshold: all ones). init_sparsity: fraction of entries that start masked instead."""
+    method: ClassVar[str] = "mask"
 
     params: list[str] | None = field_list(["weight"])
     switch_fraction: ClassVar[float | None] = None  # the bench trains the scores throughout (finalize() only packs them)
@@ -108,12 +111,14 @@ class MaskLayer(DeltaLayer):
     def compact_sizes(self) -> dict[str, int]:
         return {n: self.bits.get(n).numel() for n in self.names}
 
-    def allocate_compact(self, sizes: dict[str, int], module: nn.Module) -> None:
+    def allocate_compact(self, sizes: dict[str, int]) -> None:
+        """Zero bit placeholders of the saved sizes (on the layer's device), for a load to fill."""
         for n in self.names:
             if sizes[n] != packed_size(self.shapes[n]):
                 raise CheckpointError(f"saved mask of {n} has {sizes[n]} bytes, expected "
                                       f"{packed_size(self.shapes[n])}: the base model differs.")
-            self.bits.set(n, torch.zeros(sizes[n], dtype=torch.uint8, device=getattr(module, n).device))
+            held = self.bits.get(n) if self.is_compact else self.scores[n]
+            self.bits.set(n, torch.zeros(sizes[n], dtype=torch.uint8, device=held.device))
         self.scores = nn.ParameterDict()
         self.is_compact = True
 
@@ -128,7 +133,7 @@ class MaskLayer(DeltaLayer):
     @torch.no_grad()
     def merge(self, module: nn.Module) -> None:
         for n in self.names:
-            flat = _flat_view(getattr(module, n))
+            flat = flat_view(getattr(module, n))
             off = (~self.mask(n)).reshape(-1).nonzero().squeeze(1)
             self._stash[n] = (off, flat.index_select(0, off).clone())
             flat.index_fill_(0, off, 0.0)
@@ -137,10 +142,12 @@ class MaskLayer(DeltaLayer):
     def unmerge(self, module: nn.Module) -> None:
         for n in self.names:
             off, old = self._stash.pop(n)
-            _flat_view(getattr(module, n)).index_copy_(0, off, old)
+            flat_view(getattr(module, n)).index_copy_(0, off, old)
 
 
 class MaskDelta(SparseTargetsDelta):
+    config_cls = MaskConfig
+
     def make_sparse_layer(self, module: nn.Module, names: list[str]) -> MaskLayer:
         return MaskLayer(module, names, self.config)
 

@@ -7,12 +7,14 @@ training and several partial deltas can be switched, stacked or disabled; mergin
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..core.arch import num_layers
+from ..core.targets import num_layers
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.layer import ParamDiff
@@ -26,6 +28,7 @@ from ..quant import is_quantized
 class PartialConfig(DeltaConfig):
     """params: parameter-name suffixes or one regex (None: all parameters of the chosen layers).
     last_k: train the last k layers (shorthand for ``layers=[-k, ..., -1]``)."""
+    method: ClassVar[str] = "partial"
 
     params: list[str] | str | None = None
     last_k: int | None = None
@@ -44,6 +47,8 @@ class PartialConfig(DeltaConfig):
 
 
 class PartialDelta(Delta):
+    config_cls = PartialConfig
+
     def param_pattern(self, model: nn.Module) -> list[str] | str:
         return self.config.params if self.config.params is not None else r".*"
 

@@ -34,6 +34,7 @@ class PrefixConfig(DeltaConfig):
     save_reparam: also save the MLP (to resume training); by default only the prefixes.
     shift_positions: the real tokens take positions n.. after the prefix (peft's convention)
     instead of 0.. (the prefix takes none)."""
+    method: ClassVar[str] = "prefix"
 
     num_virtual_tokens: int = 20
     projection: bool = True
@@ -81,11 +82,12 @@ def probe(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 class PrefixLayer(soft.Foldable):
     folded_name = "prefix"
 
-    def __init__(self, model: nn.Module, cfg: PrefixConfig):
+    def __init__(self, model: nn.Module, cfg: PrefixConfig, key: str):
+        """`key`: the call-context name under which a call's filled cache is left (for gates)."""
         super().__init__()
         n = self.n = cfg.num_virtual_tokens
         table = soft.input_embedding(model)[1].weight
-        self._model = (model,)
+        self.key = key
         self.shift = n if getattr(cfg, "shift_positions", False) else 0  # composites (mam, unipelt) lack it
         if cfg.projection:  # one probe token tells the per-layer key/value shapes
             layers, _, heads, _, head_dim = probe(model, torch.zeros(1, dtype=torch.long, device=table.device)).shape
@@ -99,7 +101,6 @@ class PrefixLayer(soft.Foldable):
             ids = torch.randint(0, table.shape[0], (n,), device=table.device)
             self.prefix = nn.Parameter(probe(model, ids).clone())
             self.shape = tuple(self.prefix.shape)
-        self._filled: tuple[Any, int, bool] | None = None
 
     def compute(self) -> torch.Tensor:
         layers, _, heads, n, head_dim = self.shape
@@ -111,7 +112,10 @@ class PrefixLayer(soft.Foldable):
 
     # -- the call ---------------------------------------------------------------------------------
     def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._filled = None
+        """On the model: a first call gets a cache filled with the prefixes (left in the call
+        context as (cache, its length, whether it was created here)); later calls extend the mask."""
+        ctx = self.call_context()
+        ctx.pop(self.key)
         kw = soft.bind(module, args, kwargs)
         x = kw.get("input_ids")
         x = kw.get("inputs_embeds") if x is None else x
@@ -124,11 +128,11 @@ class PrefixLayer(soft.Foldable):
         past = soft.past_length(cache)
         if past == 0:
             created = cache is None
-            cache = self._fill(new_cache(module) if created else cache, batch, x)
+            cache = self._fill(module, new_cache(module) if created else cache, batch, x)
             for k in soft.CACHE_KEYS:
                 kw.pop(k, None)
             kw[soft.cache_key(module)] = cache
-            self._filled = (cache, soft.past_length(cache), created)
+            ctx.put(self.key, (cache, soft.past_length(cache), created))
             real_past = 0
         else:
             real_past = past - self.n
@@ -146,15 +150,15 @@ class PrefixLayer(soft.Foldable):
             kw["position_ids"] = torch.arange(start, start + length, device=x.device).unsqueeze(0)
         return (), kw
 
-    def _fill(self, cache: Any, batch: int, x: torch.Tensor) -> Any:
-        dtype = x.dtype if x.is_floating_point() else soft.input_embedding(self._model[0])[1].weight.dtype
+    def _fill(self, model: nn.Module, cache: Any, batch: int, x: torch.Tensor) -> Any:
+        dtype = x.dtype if x.is_floating_point() else soft.input_embedding(model)[1].weight.dtype
         prefix = self.value().to(dtype)
         for i in range(prefix.shape[0]):
             cache.update(soft.expand_batch(prefix[i, 0], batch), soft.expand_batch(prefix[i, 1], batch), i)
         return cache
 
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        filled, self._filled = self._filled, None
+        filled = self.call_context().pop(self.key)
         if filled is not None and soft.past_length(filled[0]) == filled[1]:
             raise ConfigError(f"{type(module).__name__} ran without reading the prefix from its KV cache. "
                               + _CHECKPOINTING)
@@ -179,6 +183,7 @@ def _use_cache(module: nn.Module, kwargs: dict) -> bool:
 
 
 class PrefixDelta(soft.FoldableDelta):
+    config_cls = PrefixConfig
     #: what to use instead on an encoder-decoder (composites that reuse this build say their own)
     encoder_decoder_hint: ClassVar[str] = "use 'prompt' or 'ptuning' (virtual tokens in the encoder input) for it"
 
@@ -189,7 +194,7 @@ class PrefixDelta(soft.FoldableDelta):
                 f"the encoder-decoder {type(model).__name__} (the prefixes enter as a filled KV cache, "
                 f"and its encoder reads none): {self.encoder_decoder_hint}."
             )
-        self.add_layer("", PrefixLayer(model, self.config))
+        self.add_layer("", PrefixLayer(model, self.config, f"{self.name}:prefix"))
 
 
 register("prefix", PrefixConfig, PrefixDelta, family="additive", lr=1e-2, paper="Li & Liang 2021 (prefix tuning)")

@@ -8,6 +8,7 @@ positions, labels, generation with a KV cache) is in ``_virtual.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ class PromptConfig(DeltaConfig):
     """num_virtual_tokens: prompt length. insert_at: None = after [CLS] on BERT-style encoders,
     else at the front. init: "vocab" | "text" | "random". init_text / tokenizer: for init="text"
     (tokenizer: a local path; None = the model's own ``name_or_path``)."""
+    method: ClassVar[str] = "prompt"
 
     num_virtual_tokens: int = 20
     init: str = "vocab"
@@ -42,16 +44,19 @@ class PromptConfig(DeltaConfig):
 class PromptLayer(VirtualTokens):
     folded_name = "prompt"
 
-    def __init__(self, model: nn.Module, host: nn.Module, cfg: PromptConfig, start: torch.Tensor):
-        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=host is model)
+    def __init__(self, model: nn.Module, host: nn.Module, cfg: PromptConfig, start: torch.Tensor, key: str):
+        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=host is model,
+                         key=key)
         self.prompt = nn.Parameter(start)
 
 
 class PromptDelta(Delta):
+    config_cls = PromptConfig
+
     def build(self, model: nn.Module) -> None:
         cfg = self.config
         start = soft.init_prompt(model, cfg.num_virtual_tokens, cfg.init, cfg.init_text, cfg.tokenizer)
-        attach(self, model, lambda host: PromptLayer(model, host, cfg, start))
+        attach(self, model, lambda host, key: PromptLayer(model, host, cfg, start, key))
 
 
 register("prompt", PromptConfig, PromptDelta, family="additive", lr=3e-2, paper="Lester et al. 2021 (prompt tuning)")

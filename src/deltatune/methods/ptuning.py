@@ -11,6 +11,7 @@ resume training).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ class PTuningConfig(DeltaConfig):
     """encoder: "lstm" | "mlp". encoder_hidden: its width (None: the embedding size).
     init: the encoder's input embeddings, "vocab" (sampled rows) or "random".
     save_reparam: also save the encoder (to resume training); by default only its output."""
+    method: ClassVar[str] = "ptuning"
 
     num_virtual_tokens: int = 20
     encoder: str = "lstm"
@@ -64,8 +66,9 @@ class PromptEncoder(nn.Module):
 class PTuningLayer(VirtualTokens):
     folded_name = "prompt"
 
-    def __init__(self, model: nn.Module, host: nn.Module, cfg: PTuningConfig, start: torch.Tensor):
-        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=host is model)
+    def __init__(self, model: nn.Module, host: nn.Module, cfg: PTuningConfig, start: torch.Tensor, key: str):
+        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=host is model,
+                         key=key)
         dim = start.shape[1]
         self.prompt_input = nn.Parameter(start)
         self.prompt_encoder = PromptEncoder(dim, cfg.encoder_hidden or dim, cfg.encoder).to(
@@ -79,10 +82,12 @@ class PTuningLayer(VirtualTokens):
 
 
 class PTuningDelta(soft.FoldableDelta):
+    config_cls = PTuningConfig
+
     def build(self, model: nn.Module) -> None:
         cfg = self.config
         start = soft.init_prompt(model, cfg.num_virtual_tokens, cfg.init)
-        attach(self, model, lambda host: PTuningLayer(model, host, cfg, start))
+        attach(self, model, lambda host, key: PTuningLayer(model, host, cfg, start, key))
 
 
 register("ptuning", PTuningConfig, PTuningDelta, family="additive", lr=1e-2,

@@ -19,7 +19,7 @@ so a file grows with the kept weights. Adapters are non-linear: no merge into th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..core.registry import register
 from ..errors import CheckpointError, ConfigError
-from ._sparse import check_indices
+from ._sparse_index import check_indices
 from .adapter import AdapterConfig, AdapterDelta, linear_projection
 
 
@@ -37,6 +37,7 @@ class SparseAdapterConfig(AdapterConfig):
     "magnitude" | "random". same_budget: widen the bottleneck by 1 / (1 - sparsity) (when
     ``bottleneck`` is not given), so the kept weights equal the dense adapter's. seed: for the
     random masks."""
+    method: ClassVar[str] = "sparse_adapter"
 
     sparsity: float = 0.5
     criterion: str = "snip"
@@ -127,6 +128,8 @@ class MaskedLinear(nn.Module):
 
 
 class SparseAdapterDelta(AdapterDelta):
+    config_cls = SparseAdapterConfig
+
     def projection(self, d_in: int, d_out: int, up: bool) -> nn.Module:
         cfg = self.config
         lin = MaskedLinear(linear_projection(d_in, d_out, up, cfg.init), cfg.sparsity)

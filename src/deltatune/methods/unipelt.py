@@ -25,6 +25,7 @@ Encoder-decoders are refused when the prefix is on. Not mergeable (the gates dep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
@@ -37,7 +38,7 @@ from ..errors import TargetError
 from . import _soft as soft
 from ._hybrid import Gate, gate_prefix
 from ._sublayers import find_sites, site_dtype
-from .adapter import ACTIVATIONS, AdapterConfig, SerialAdapter, plain_bottleneck
+from .adapter import ACTIVATIONS, AdapterConfig, SerialAdapter, bottleneck
 from .lora import LoRAConfig, LoRALayer
 from .prefix import PrefixConfig, PrefixLayer
 
@@ -49,6 +50,7 @@ class UniPELTConfig(DeltaConfig):
     """components: which of lora / prefix / adapter to use. gates: put each behind its gate.
     LoRA: r, alpha. Prefix: num_virtual_tokens, projection_hidden (the MLP reparameterization),
     save_reparam. Adapter: reduction_factor (or bottleneck), activation, adapter_init."""
+    method: ClassVar[str] = "unipelt"
 
     components: list[str] = field_list(list(COMPONENTS))
     gates: bool = True
@@ -119,6 +121,8 @@ class GatedAdapter(SerialAdapter):
 
 
 class UniPELTDelta(soft.FoldableDelta):
+    config_cls = UniPELTConfig
+
     default_roles = ("query", "value")
     supported_types = (nn.Linear, Conv1D)
 
@@ -131,7 +135,7 @@ class UniPELTDelta(soft.FoldableDelta):
         if "adapter" in cfg.components:
             for site in find_sites(model, cfg.adapter_config(), cfg.method):
                 gate = Gate(site.dim, site.dtype) if cfg.gates else None
-                self._add_unique(site.path, GatedAdapter(plain_bottleneck(site, cfg.adapter_config()), gate))
+                self._add_unique(site.path, GatedAdapter(bottleneck(site, cfg.adapter_config()), gate))
         if "prefix" in cfg.components:
             self._build_prefix(model)
 
@@ -141,12 +145,12 @@ class UniPELTDelta(soft.FoldableDelta):
                               f"models, not the encoder-decoder {type(model).__name__} (the prefixes "
                               f"enter as a filled KV cache, and its encoder reads none): drop it with "
                               f"components=['lora', 'adapter'].")
-        prefix = PrefixLayer(model, self.config.prefix_config())
+        prefix = PrefixLayer(model, self.config.prefix_config(), f"{self.name}:prefix")
         self._add_unique("", prefix)
         if self.config.gates:
             dim = soft.input_embedding(model)[1].embedding_dim
             dim = getattr(getattr(model, "config", None), "hidden_size", dim)
-            gate_prefix(self._add_unique, prefix, model, self.config.layers, self.config.method, dim,
+            gate_prefix(self._add_unique, prefix.key, model, self.config.layers, self.config.method, dim,
                         site_dtype(model, ""))
 
     def _add_unique(self, path: str, layer: DeltaLayer) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -22,16 +22,16 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
-from ..core.layer import DeltaLayer
 from ..core.registry import register
 from ..errors import CheckpointError
-from ._weights import module_dims, writable_weight
+from ._weights import LowRankLayer, module_dims
 
 
 @dataclass
 class VeRAConfig(DeltaConfig):
     """projection_prng_key: seed of the shared A and B (None: a fresh one, drawn from torch's RNG
     and saved with the delta)."""
+    method: ClassVar[str] = "vera"
 
     r: int = 256
     projection_prng_key: int | None = 0
@@ -80,46 +80,39 @@ class Projections(nn.Module):
         return h.hexdigest()[:16]
 
 
-class VeRALayer(DeltaLayer):
-    mergeable = True
+class VeRALayer(LowRankLayer):
+    """The shared low-rank layer with down = Λ_d A x and up = Λ_b B h, A and B this layer's slices
+    of the shared projections."""
 
     def __init__(self, module: nn.Module, cfg: VeRAConfig, shared: Projections):
-        super().__init__()
+        super().__init__(cfg.dropout)
         self.d_in, self.d_out = module_dims(module)
         w = module.weight
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.d_out, dtype=w.dtype, device=w.device))
         self.vera_lambda_d = nn.Parameter(torch.full((cfg.r,), float(cfg.d_initial), dtype=w.dtype,
                                                      device=w.device))
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         object.__setattr__(self, "_shared", shared)  # a reference, not a submodule: saved once
 
-    def _ab(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self._shared
-        return p.vera_A[:, : self.d_in], p.vera_B[: self.d_out, :]
+    def _a(self) -> torch.Tensor:
+        return self._shared.vera_A[:, : self.d_in]
+
+    def _b(self) -> torch.Tensor:
+        return self._shared.vera_B[: self.d_out, :]
 
     def update(self) -> torch.Tensor:
         """Λ_b B Λ_d A as (out, in)."""
-        a, b = self._ab()
-        return (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
+        return (self.vera_lambda_b[:, None] * self._b()) @ (self.vera_lambda_d[:, None] * self._a())
 
-    def post(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a, b = self._ab()
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return y + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, a), b)
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vera_lambda_d * F.linear(x, self._a())
 
-    @torch.no_grad()
-    def merge(self, module: nn.Module) -> None:
-        w = writable_weight(module)
-        w.add_(self.update().to(w.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, module: nn.Module) -> None:
-        w = writable_weight(module, "unmerge from")
-        w.sub_(self.update().to(w.dtype))
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        return self.vera_lambda_b * F.linear(h, self._b())
 
 
 class VeRADelta(Delta):
+    config_cls = VeRAConfig
+
     default_roles = ("query", "value")
     supported_types = (nn.Linear, Conv1D)
 

@@ -23,7 +23,7 @@ from ..bench.loop import Budget
 from ..bench.methods import build, parse_method
 from ..bench.suite import Runner, SuiteConfig
 from ..bench.tasks import Task, parse_task
-from ..core.arch import num_layers
+from ..core.targets import num_layers
 from ..errors import ConfigError
 from .space import OFF, Candidate, parse_space, spec_of
 

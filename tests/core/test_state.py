@@ -107,7 +107,9 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with torch.no_grad():
         for p in dm.trainable_parameters():
             p.add_(1.0)
-    real = state.atomic_write
+    from deltatune.core import savedir
+
+    real = savedir.atomic_write
     calls = []
 
     def dying(path, data):
@@ -116,10 +118,10 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")  # killed after the weights, before the commit point
         real(path, data)
 
-    monkeypatch.setattr(state, "atomic_write", dying)
+    monkeypatch.setattr(savedir, "atomic_write", dying)
     with pytest.raises(KeyboardInterrupt):
         dm.save(tmp_path / "d")
-    monkeypatch.setattr(state, "atomic_write", real)
+    monkeypatch.setattr(savedir, "atomic_write", real)
     assert calls[0].startswith("delta-")
     loaded = dt.load(tiny_model("bert"), tmp_path / "d")
     assert torch.equal(logits_of(loaded, x), want)

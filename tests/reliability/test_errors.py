@@ -56,6 +56,15 @@ def merge_tied():
     dt.wrap(tiny_model("gpt2"), dt.LoRAConfig(targets=["wte"])).merge()
 
 
+def save_without_delta():
+    import tempfile
+
+    dm = dt.wrap(tiny_model("bert"), dt.LoRAConfig())
+    dm.remove("default")
+    with tempfile.TemporaryDirectory() as d:
+        dm.save(d)
+
+
 CONFIG_CASES = [
     ("unknown-method", ConfigError, r"unknown method 'lorra'\. Did you mean: lora.*Registered methods: ",
      lambda: dt.config_from_dict({"method": "lorra"})),
@@ -93,6 +102,8 @@ CONFIG_CASES = [
      merge_tied),
     ("activate-missing-name", DeltaNotFoundError, r"no delta named 'defualt'\. Did you mean: default\? "
      r"This model holds: default\.", activate_missing),
+    ("save-without-delta", ConfigError, r"this model holds no delta, so there is nothing to save",
+     save_without_delta),
 ]
 
 

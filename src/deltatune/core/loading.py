@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from . import compose
 from .model import DeltaModel
+from .savedir import current
 from .state import CONFIG_FILE, INDEX_FILE, LOADERS, _read_json, load_one
 
 
@@ -26,13 +27,14 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"{root} does not exist.")
-    if not (root / CONFIG_FILE).exists() and not (root / INDEX_FILE).exists():
+    manifest = current(root) if root.is_dir() else None
+    if manifest is None:
         for detect, loader in LOADERS:
             if detect(root):
                 return loader(model, root, name)
         raise CheckpointError(f"{root} holds no {CONFIG_FILE} or {INDEX_FILE}: not a saved delta.")
     dm = as_delta_model(model)
-    if (root / CONFIG_FILE).exists():
+    if manifest == CONFIG_FILE:
         load_one(dm, root, name)
         return dm
     index = _read_json(root / INDEX_FILE)
@@ -41,8 +43,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
         if name not in names:
             raise CheckpointError(f"{root} holds deltas {names}, not {name!r}.")
         names = [name]
-    for n in names:
-        load_one(dm, root / n, n, activate=False)
+    entries = index.get("entries") if isinstance(index, dict) and isinstance(index.get("entries"), dict) else {}
+    for n in names:  # each delta as the index committed it (an older index: its sub-directory's config)
+        load_one(dm, root / n, n, activate=False, meta=entries.get(n))
     comp = index.get("composition")
     if comp is not None and set(compose.from_dict(comp).names()) <= set(names):
         dm.activate(compose.from_dict(comp))

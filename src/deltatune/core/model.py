@@ -23,7 +23,7 @@ from .hf import HFSurface, refused, typed_class
 from .hooks import Host
 from .registry import config_from_dict, get_method
 from .report import summary
-from .state import save as save_state
+from .savedir import save as save_state
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 

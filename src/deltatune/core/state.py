@@ -1,4 +1,5 @@
-"""Delta state I/O: safetensors tensors + a JSON config, written atomically, never unpickled.
+"""Delta state I/O: safetensors tensors + a JSON config, never unpickled; reading and checking a
+saved delta, and the primitives a save uses (core/savedir.py writes the directory).
 
 Layout of one saved delta (a directory):
     delta_config.json              method config, versions, base fingerprint, the weights' name and sha256
@@ -6,7 +7,7 @@ Layout of one saved delta (a directory):
 
 The JSON is written last with an atomic rename: it is the commit point, so a save killed at any
 moment leaves the previous checkpoint loadable. Several deltas save into sub-directories named after
-them, with ``deltas.json`` listing them.
+them, with ``deltas.json`` listing them and holding each one's config entry (core/savedir.py).
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +31,11 @@ from .registry import config_from_dict
 
 CONFIG_FILE = "delta_config.json"
 META_CHECKSUM = "meta_sha256"  # sha256 of the config's other entries: an edit or corruption shows
-META_KEYS = {"format", "format_version", "library_version", "name", "config", "extra_state", "weights",
+META_KEYS = {"format", "format_version", "library_version", "name", "config", "extra_state", "weights", "saved_at",
              "sha256", "base", META_CHECKSUM}
 INDEX_FILE = "deltas.json"
 
 
-@dataclass(frozen=True)
-class Saver:
-    """How one format writes: ``save_one(dm, name, root)`` writes one delta into a directory;
-    with several deltas ``place(root, name)`` says where each goes and ``index(dm, root)`` (if
-    any) lists them. ``save`` is the one dispatch over them (deltatune's own format included)."""
-
-    save_one: Callable[[Any, str, Path], None]
-    place: Callable[[Path, str], Path]
-    index: Callable[[Any, Path], None] | None = None
-
-
-SAVERS: dict[str, Saver] = {}  # format name -> its Saver (other formats register theirs here)
 LOADERS: list[Any] = []        # (detect(path) -> bool, load(model, path, name) -> DeltaModel)
 
 
@@ -84,36 +72,12 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     return {"class": type(model).__name__, "model_type": model_type(model), "modules": shapes}
 
 
-def save(dm, path: str | os.PathLike, name: str | None = None, format: str = "deltatune") -> None:
-    """Save one delta (``name``), or every delta (each where the format places it) when the model
-    holds several."""
-    saver = SAVERS.get(format)
-    if saver is None:
-        raise ConfigError(f"unknown save format {format!r}: use one of {list(SAVERS)}.")
-    root = Path(path)
-    if name is not None or len(dm.deltas) == 1:
-        saver.save_one(dm, name or dm.deltas[0], root)
-        return
-    for n in dm.deltas:
-        saver.save_one(dm, n, saver.place(root, n))
-    if saver.index is not None:
-        saver.index(dm, root)
-
-
-def write_index(dm, root: Path) -> None:
-    """deltas.json: the saved deltas, the active ones and a composition other than plain stacking."""
-    index = {"format": "deltatune", "deltas": dm.deltas, "active": list(dm.active)}
-    if not dm.composition.is_plain_stack():
-        index["composition"] = dm.composition.to_dict()
-    atomic_write(root / INDEX_FILE, json.dumps(index, indent=2).encode())
-
-
-def save_one(dm, name: str, root: Path) -> None:
+def delta_meta(dm, name: str) -> tuple[dict[str, Any], bytes]:
+    """A delta's config entry (checksummed) and its safetensors bytes, named by their sha256."""
     delta = dm.get_delta(name)
     tensors = {k: v.detach().contiguous().cpu() for k, v in delta.delta_state_dict().items()}
     blob = st_save(tensors, metadata={"format": "pt", "deltatune": __version__})
     digest = hashlib.sha256(blob).hexdigest()
-    weights = f"delta-{digest[:16]}.safetensors"
     meta = {
         "format": "deltatune",
         "format_version": FORMAT_VERSION,
@@ -121,17 +85,13 @@ def save_one(dm, name: str, root: Path) -> None:
         "name": name,
         "config": delta.config.to_dict(),
         "extra_state": delta.extra_state(),
-        "weights": weights,
+        "weights": f"delta-{digest[:16]}.safetensors",
         "sha256": digest,
         "base": fingerprint(dm.model, delta.paths()),
+        "saved_at": time.time_ns(),
     }
     meta[META_CHECKSUM] = meta_digest(meta)
-    old = _read_json(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else None
-    atomic_write(root / weights, blob)
-    atomic_write(root / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
-    if old and isinstance(old, dict) and old.get("weights") not in (None, weights):
-        with _quiet():
-            (root / Path(str(old["weights"])).name).unlink()
+    return meta, blob
 
 
 def _read_json(path: Path) -> Any:
@@ -141,8 +101,9 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a readable JSON file ({e}); the checkpoint is corrupt.") from e
 
 
-def read_meta(root: Path) -> dict[str, Any]:
-    meta = _read_json(root / CONFIG_FILE)
+def read_meta(root: Path, meta: Any = None) -> dict[str, Any]:
+    """The checked config entry of the delta saved in `root` (or `meta`, one read already)."""
+    meta = _read_json(root / CONFIG_FILE) if meta is None else meta
     if not isinstance(meta, dict) or meta.get("format") != "deltatune":
         raise CheckpointError(f"{root / CONFIG_FILE} is not a deltatune delta config.")
     version = meta.get("format_version")
@@ -213,8 +174,9 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path) -> Non
                 )
 
 
-def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
-    meta = read_meta(root)
+def load_one(dm, root: Path, name: str | None, activate: bool = True, meta: Any = None) -> None:
+    """Add the delta saved in `root` (its config entry `meta` when the caller read it already)."""
+    meta = read_meta(root, meta)
     check_fingerprint(dm.model, meta, root)
     try:
         config = config_from_dict(meta["config"])
@@ -231,10 +193,3 @@ def load_one(dm, root: Path, name: str | None, activate: bool = True) -> None:
         raise
     if activate and not delta.combiner:  # a fusion runs only inside activate(..., fusion=name)
         dm.activate(name)
-
-
-def _subdirectory(root: Path, name: str) -> Path:
-    return root / name
-
-
-SAVERS["deltatune"] = Saver(save_one, _subdirectory, write_index)

@@ -20,7 +20,8 @@ from ..core.delta import Delta, key_to_path
 from ..core.layer import ParamCopy
 from ..core.loading import as_delta_model
 from ..core.registry import config_from_dict
-from ..core.state import LOADERS, SAVERS, Saver
+from ..core.savedir import SAVERS, Saver
+from ..core.state import LOADERS
 from ..errors import CheckpointError
 from .peft_files import CONFIG_FILE, detect, read_config, read_weights, write_adapter
 from .peft_keys import check_unmerged, our_item, peft_tensors
@@ -108,4 +109,10 @@ def place(root: Path, name: str) -> Path:
 
 
 LOADERS.append((detect, load_peft))
-SAVERS["peft"] = Saver(save_one, place)
+def write(dm, names: list[str], root: Path) -> None:
+    """peft's layout: one adapter in `root`; several: "default" in `root`, the others in subdirectories."""
+    for n in names:
+        save_one(dm, n, root if len(names) == 1 else place(root, n))
+
+
+SAVERS["peft"] = Saver(write)

@@ -1,0 +1,154 @@
+"""A deltatune save directory: which manifest is current, which files a save owns, and how a new
+save replaces the old one all-or-nothing.
+
+The commit point is one manifest file: ``delta_config.json`` (one delta) or ``deltas.json``
+(several; each delta's config entry is embedded in it, its weights lie in ``<root>/<name>/``).
+Weights files are named by their sha256, so a save never overwrites a file that the previous
+manifest names; the new manifest is renamed into place last, and only then are the previous
+save's files removed: those its manifest names and that verify (our file name, the recorded
+sha256), never another file. Killed at any moment, the directory loads as the previous save or
+the new one; temporary files left by a kill are removed by the next save.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .state import CONFIG_FILE, INDEX_FILE, atomic_write, delta_meta
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")  # delta names (DeltaModel refuses any other)
+WEIGHTS_RE = re.compile(r"delta-[0-9a-f]{16}\.safetensors")
+TEMP_RE = re.compile(r"\.(delta_config\.json|deltas\.json|delta-[0-9a-f]{16}\.safetensors)\..+")
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _ours(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("format") == "deltatune"
+
+
+def current(root: Path) -> str | None:
+    """The manifest that holds the directory's last completed save: CONFIG_FILE, INDEX_FILE or None.
+    Both present (a save killed before it removed the other): the later ``saved_at`` wins."""
+    have = [f for f in (CONFIG_FILE, INDEX_FILE) if (root / f).is_file()]
+    if len(have) < 2:
+        return have[0] if have else None
+    stamps = [(_json(root / f) or {}).get("saved_at", 0) if _ours(_json(root / f)) else -1 for f in have]
+    return have[1] if stamps[1] > stamps[0] else have[0]
+
+
+def _verified(file: Path, sha256: Any) -> bool:
+    if not WEIGHTS_RE.fullmatch(file.name) or not file.is_file():
+        return False
+    return hashlib.sha256(file.read_bytes()).hexdigest() == sha256
+
+
+def owned(root: Path) -> set[Path]:
+    """Files in `root` that a deltatune save wrote, as far as it can verify: the manifests that
+    parse as ours, the weights they name that match their sha256, and the sub-directory configs."""
+    files: set[Path] = set()
+    single = _json(root / CONFIG_FILE)
+    if _ours(single):
+        files.add(root / CONFIG_FILE)
+        if _verified(root / Path(str(single.get("weights"))).name, single.get("sha256")):
+            files.add(root / Path(str(single["weights"])).name)
+    index = _json(root / INDEX_FILE)
+    if _ours(index):
+        files.add(root / INDEX_FILE)
+        entries = index.get("entries") if isinstance(index.get("entries"), dict) else {}
+        for name in index.get("deltas", []) if isinstance(index.get("deltas"), list) else []:
+            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+                continue  # not a name a save writes: leave whatever it points at alone
+            sub = root / name
+            metas = [m for m in (entries.get(name), _json(sub / CONFIG_FILE)) if _ours(m)]
+            if _ours(_json(sub / CONFIG_FILE)):
+                files.add(sub / CONFIG_FILE)
+            files |= {sub / Path(str(m.get("weights"))).name for m in metas
+                      if _verified(sub / Path(str(m.get("weights"))).name, m.get("sha256"))}
+    return files
+
+
+def remove_temps(*dirs: Path) -> None:
+    for d in dirs:
+        if d.is_dir():
+            for f in d.iterdir():
+                if TEMP_RE.fullmatch(f.name) and f.is_file():
+                    f.unlink(missing_ok=True)
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True).encode()
+
+
+def write(dm, names: list[str], root: Path) -> None:
+    """Save `names` into `root` (one: root/delta_config.json; several: root/deltas.json and
+    root/<name>/), leaving exactly this save's files of all deltatune wrote there."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_temps(root, *(root / n for n in names))
+    before = owned(root)
+    if len(names) == 1:
+        meta, blob = delta_meta(dm, names[0])
+        atomic_write(root / meta["weights"], blob)
+        atomic_write(root / CONFIG_FILE, _dump(meta))  # the commit
+        keep = {root / meta["weights"], root / CONFIG_FILE}
+    else:
+        keep = _write_several(dm, names, root)
+    for f in sorted(before - keep):
+        f.unlink(missing_ok=True)
+    for d in {f.parent for f in before - keep} - {root}:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
+def _write_several(dm, names: list[str], root: Path) -> set[Path]:
+    entries, keep = {}, {root / INDEX_FILE}
+    for n in names:
+        meta, blob = delta_meta(dm, n)
+        atomic_write(root / n / meta["weights"], blob)
+        atomic_write(root / n / CONFIG_FILE, _dump(meta))  # for dt.load(root / name) alone
+        entries[n] = meta
+        keep |= {root / n / meta["weights"], root / n / CONFIG_FILE}
+    index: dict[str, Any] = {"format": "deltatune", "deltas": names, "active": list(dm.active),
+                             "entries": entries, "saved_at": time.time_ns()}
+    if not dm.composition.is_plain_stack():
+        index["composition"] = dm.composition.to_dict()
+    atomic_write(root / INDEX_FILE, _dump(index))  # the commit: these entries, not the sub-configs
+    return keep
+
+
+
+@dataclass(frozen=True)
+class Saver:
+    """How one format writes: ``write(dm, names, root)`` saves these deltas (one, or several each
+    where the format places them) into the directory `root`. ``save`` is the one dispatch."""
+
+    write: Callable[[Any, list[str], Path], None]
+
+
+SAVERS: dict[str, Saver] = {"deltatune": Saver(write)}  # other formats register theirs (interop/)
+
+
+def save(dm, path: str | os.PathLike, name: str | None = None, format: str = "deltatune") -> None:
+    """Save one delta (``name``), or every delta (each where the format places it) when the model
+    holds several."""
+    saver = SAVERS.get(format)
+    if saver is None:
+        raise ConfigError(f"unknown save format {format!r}: use one of {list(SAVERS)}.")
+    if not dm.deltas:
+        raise ConfigError("this model holds no delta, so there is nothing to save (it was removed or "
+                          "unwrapped): add or load one first, or save the base model itself.")
+    names = [dm.get_delta(name).name] if name is not None else list(dm.deltas)
+    saver.write(dm, names, Path(path))

@@ -11,7 +11,7 @@ import torch
 
 import deltatune as dt
 from deltatune.errors import CheckpointError, ConfigError, DeltaNotFoundError, MergeError, TargetError
-from deltatune.models import tiny_model
+from deltatune.models import tiny_inputs, tiny_model
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 
@@ -54,6 +54,17 @@ def activate_missing():
 
 def merge_tied():
     dt.wrap(tiny_model("gpt2"), dt.LoRAConfig(targets=["wte"])).merge()
+
+
+def wrapped_twice():
+    model = tiny_model("bert")
+    dt.wrap(model, dt.LoRAConfig())
+    dt.wrap(model, dt.LoRAConfig())
+
+
+def per_example_short():
+    model = tiny_model("bert")
+    dt.wrap(model, dt.LoRAConfig())(**tiny_inputs(model, batch=2), deltas=["default"])
 
 
 def save_without_delta():
@@ -104,6 +115,14 @@ CONFIG_CASES = [
      r"This model holds: default\.", activate_missing),
     ("save-without-delta", ConfigError, r"this model holds no delta, so there is nothing to save",
      save_without_delta),
+    ("non-finite-value", ConfigError, r"LoRAConfig\.alpha=inf is invalid: expected finite numbers",
+     lambda: dt.LoRAConfig(alpha=float("inf"))),
+    ("layers-beyond-model", TargetError, r"layers \[5\] are beyond the model's 2 blocks: use indices in 0\.\.1",
+     lambda: dt.wrap(tiny_model("bert"), dt.LoRAConfig(layers=[5]))),
+    ("wrapped-twice", ConfigError, r"already runs the deltas of another DeltaModel .* keep using the first "
+     r"wrapper", wrapped_twice),
+    ("per-example-names-mismatch", ConfigError, r"deltas= gives 1 names for a batch of 2 rows: give one delta "
+     r"name \(or None for the base\) per example", per_example_short),
 ]
 
 

@@ -100,7 +100,7 @@ def parse_component(text: str) -> Component:
             raise ConfigError(f"method option {part!r} in {text!r} must look like key=value.")
         options[key.strip()] = parse_value(value)
     lr = options.pop("lr", None)
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
         raise ConfigError(f"lr={lr!r} in {text!r} must be a positive number.")
     if name == FULL and options:
         raise ConfigError(f"`full` takes only lr=..., not {sorted(options)}.")
@@ -156,7 +156,7 @@ def build(spec: MethodSpec, model: nn.Module, steps: int, lr: float | None = Non
     base_params = sum(p.numel() for p in model.parameters())
     if spec.full:
         model.requires_grad_(True)
-        rate = lr or spec.components[0].learning_rate
+        rate = spec.components[0].learning_rate if lr is None else lr
         return Built(model, [{"params": list(model.parameters()), "lr": rate}],
                      [{"method": FULL, "lr": rate}], base_params, base_params)
     dm = DeltaModel(model)
@@ -166,7 +166,7 @@ def build(spec: MethodSpec, model: nn.Module, steps: int, lr: float | None = Non
         cfg = component_config(comp, i, steps)
         dm.add(name, cfg)
         names.append(name)
-        rates.append(lr or comp.learning_rate)
+        rates.append(comp.learning_rate if lr is None else lr)
         configs.append({**cfg, "lr": rates[-1]})
     dm.activate(*names)
 
@@ -192,5 +192,5 @@ def _groups(delta, model: nn.Module, rate: float, head_lr: float | None) -> list
     head = [p for p in params if id(p) in head_ids]
     groups = [{"params": own, "lr": rate}] if own else []
     if head:
-        groups.append({"params": head, "lr": head_lr or rate})
+        groups.append({"params": head, "lr": rate if head_lr is None else head_lr})
     return groups

@@ -6,6 +6,17 @@ import argparse
 from ..bench.loop import Budget
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a positive, finite number (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a local Hugging Face model directory or .gguf file (default: the shipped MiniLM); "
@@ -29,10 +40,10 @@ def add_budget_args(p: argparse.ArgumentParser, defaults: Budget) -> None:
     g.add_argument("--dev-size", type=int, default=defaults.dev_size,
                    help="a fixed random dev subset of this size; 0 = all of dev (default %(default)s)")
     g.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens (default %(default)s)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="one learning rate for every method (default: the per-method table; "
                         "per method: --methods lora:lr=1e-3)")
-    g.add_argument("--head-lr", type=float, default=None, help="the task head's learning rate (default: the method's)")
+    g.add_argument("--head-lr", type=positive_float, default=None, help="the task head's learning rate (default: the method's)")
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     g.add_argument("--warmup", type=float, default=defaults.warmup, help="warm-up fraction of the steps")
     add_generation_args(p, defaults)

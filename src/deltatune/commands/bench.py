@@ -57,7 +57,7 @@ def show(cfg) -> int:
     for t in map(parse_task, cfg.tasks):
         print(f"task   {t.name:10s} metric {t.metric:9s} labels {t.num_labels}  {t.source}")
     for m in map(parse_method, cfg.methods):
-        lrs = ", ".join(f"{c.method} lr {cfg.lr or c.learning_rate:g}" for c in m.components)
+        lrs = ", ".join(f"{c.method} lr {(c.learning_rate if cfg.lr is None else cfg.lr):g}" for c in m.components)
         print(f"method {m.label:24s} {lrs}")
     b = cfg.budget
     print(f"budget {b.steps} steps x batch {b.batch_size}, dev subset {b.dev_size or 'all'}, scored every "

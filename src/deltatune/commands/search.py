@@ -16,7 +16,7 @@ The best trial's trained deltas are saved to --out: `deltatune eval OUT` scores 
 def add_parser(sub) -> None:
     import argparse
 
-    from ._common import add_model_args
+    from ._common import add_model_args, positive_float
 
     p = sub.add_parser("search", help="search methods x sizes x layers under a parameter budget",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     g.add_argument("--eval-every", type=int, default=10, help="dev scores (the fidelities) every N steps")
     g.add_argument("--search-dev-size", type=int, default=200, help="dev examples carved from train")
     g.add_argument("--max-length", type=int, default=128)
-    g.add_argument("--lr", type=float, default=None, help="one learning rate for every delta (default: per method)")
+    g.add_argument("--lr", type=positive_float, default=None, help="one learning rate for every delta (default: per method)")
     add_model_args(p)
     p.set_defaults(func=run)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,6 +45,9 @@ class DeltaConfig:
     # -- validation helpers -------------------------------------------------------------------
     def validate(self) -> None:
         """Subclasses extend this (call super) to check their own fields."""
+        for f in dataclasses.fields(self):
+            if not _finite(getattr(self, f.name)):
+                self._fail(f.name, getattr(self, f.name), "finite numbers (no inf or nan)")
         for name in ("targets", "exclude"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -118,6 +122,17 @@ class DeltaConfig:
 
     def replace(self, **changes: Any) -> DeltaConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _finite(value: Any) -> bool:
+    """No inf / nan anywhere in a field's value (a number, or numbers inside lists and dicts)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _range_text(low, high, low_open: bool, high_open: bool, integer: bool) -> str:

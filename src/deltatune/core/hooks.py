@@ -17,6 +17,15 @@ from .layer import DeltaLayer, first_input
 from .swap import restore, swap_in, swapped
 
 
+def hosted(model: nn.Module) -> bool:
+    """Whether a Host (of any DeltaModel) has hooks on one of `model`'s modules."""
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            if any(isinstance(getattr(h, "__self__", None), Host) for h in hooks.values()):
+                return True
+    return False
+
+
 class Host:
     def __init__(self, module: nn.Module, path: str, context: CallContext):
         self.module = module

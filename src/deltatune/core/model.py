@@ -20,7 +20,8 @@ from .config import DeltaConfig
 from .context import CallContext
 from .delta import Delta, key_to_path
 from .hf import HFSurface, refused, typed_class
-from .hooks import Host
+from .hooks import Host, hosted
+from .outputs import first_tensor
 from .registry import config_from_dict, get_method
 from .report import summary
 from .savedir import save as save_state
@@ -43,6 +44,11 @@ class DeltaModel(HFSurface, nn.Module):
         super().__init__()
         if isinstance(model, DeltaModel):
             raise ConfigError("the model is already a DeltaModel: call .add(name, config) on it.")
+        if hosted(model):
+            raise ConfigError(
+                "this model already runs the deltas of another DeltaModel (wrapped twice, e.g. a notebook "
+                "cell run again): keep using the first wrapper (dm.add(...) adds more deltas), or call "
+                "unwrap() on it first; if you no longer hold it, load the base model again.")
         self.model = model
         self.delta_modules = nn.ModuleDict()
         self._hosts: dict[str, Host] = {}
@@ -325,6 +331,12 @@ class DeltaModel(HFSurface, nn.Module):
     def forward(self, *args: Any, deltas: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; ``deltas=[name per example]`` runs a mixed batch."""
         if deltas is not None:
+            t = first_tensor((args, kwargs))
+            rows = t.shape[0] if t is not None and t.dim() else None
+            if not isinstance(deltas, (list, tuple)) or rows is None or len(deltas) != rows:
+                raise ConfigError(f"deltas= gives {len(deltas) if isinstance(deltas, (list, tuple)) else deltas!r} "
+                                  f"names for a batch of {rows} rows: give one delta name (or None for "
+                                  f"the base) per example.")
             with self.per_example(deltas):
                 return self.model(*args, **kwargs)
         return self.model(*args, **kwargs)

@@ -34,6 +34,10 @@ def name_matches(name: str, targets: list[str] | str) -> bool:
 def resolve_layers(layers: list[int] | None, n_layers: int | None) -> set[int] | None:
     if layers is None:
         return None
+    beyond = [i for i in layers if n_layers is not None and not -n_layers <= i < n_layers]
+    if beyond:
+        raise TargetError(f"layers {beyond} are beyond the model's {n_layers} blocks: use indices in "
+                          f"0..{n_layers - 1} (or -{n_layers}..-1 from the end).")
     if any(i < 0 for i in layers):
         if n_layers is None:
             raise TargetError("negative layer indices need a model with numbered layers.")

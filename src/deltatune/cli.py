@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="deltatune", description="Delta-tuning of pretrained transformers.")
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
@@ -36,7 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DeltaError as e:
+        if args.debug:
+            raise
         print(f"deltatune: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError) as e:  # not ours: say so, in one line
+        if args.debug:
+            raise
+        print(f"deltatune: error: {type(e).__name__}: {e} (an unexpected failure: run with --debug for "
+              f"the traceback, and report it if the message does not tell the fix)", file=sys.stderr)
         return 1
 
 

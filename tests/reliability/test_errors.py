@@ -115,6 +115,11 @@ CONFIG_CASES = [
      r"This model holds: default\.", activate_missing),
     ("save-without-delta", ConfigError, r"this model holds no delta, so there is nothing to save",
      save_without_delta),
+    ("invalid-target-regex", ConfigError, r"LoRAConfig\.targets='\(query' is invalid: expected a valid regular "
+     r"expression .*pass a list, e\.g\. \['\(query'\]", lambda: dt.LoRAConfig(targets="(query")),
+    ("target-and-saved", TargetError, r"classifier is both a target of 'lora' and inside modules_to_save entry "
+     r"'classifier' \(trained whole\): name it in only one of the two",
+     lambda: dt.wrap(tiny_model("bert"), dt.LoRAConfig(targets=["classifier"], modules_to_save=["classifier"]))),
     ("non-finite-value", ConfigError, r"LoRAConfig\.alpha=inf is invalid: expected finite numbers",
      lambda: dt.LoRAConfig(alpha=float("inf"))),
     ("layers-beyond-model", TargetError, r"layers \[5\] are beyond the model's 2 blocks: use indices in 0\.\.1",

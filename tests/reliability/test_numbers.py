@@ -88,3 +88,21 @@ def test_mixed_delta_names_must_fit_the_batch(names):
         dm(**x, deltas=names)
     out = dm(**x, deltas=["default", None]).logits
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "", "high", "-inf"])
+def test_regression_labels_must_be_finite_numbers_and_name_the_row(tmp_path, bad):
+    from deltatune.bench.tasks import parse_task
+
+    (tmp_path / "t.csv").write_text(f"a,score\nx,0.5\ny,{bad}\nz,2\n", encoding="utf-8")
+    task = parse_task(f"sim:train={tmp_path}/t.csv,dev={tmp_path}/t.csv,text=a,label=score,regression=true")
+    with pytest.raises(ConfigError, match=r"row 1: regression label .* is not a finite number"):
+        task.read("dev")
+
+
+def test_a_module_both_targeted_and_saved_whole_is_refused():
+    with pytest.raises(TargetError, match=r"classifier is both a target of 'lora' and inside modules_to_save"):
+        dt.wrap(tiny_model("bert"), dt.LoRAConfig(targets=["query", "classifier"], modules_to_save=["classifier"]))
+    # with the default modules_to_save the fresh head is saved whole and left out of the targets
+    dm = dt.wrap(tiny_model("bert"), dt.LoRAConfig(targets=["query", "classifier"]))
+    assert "classifier" in dm.get_delta("default").paths()

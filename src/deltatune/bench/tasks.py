@@ -208,10 +208,21 @@ def glue_reader(task: str, layout: GlueLayout) -> Callable[[str, str | None], Ex
     return read
 
 
-def _glue_label(raw: str, layout: GlueLayout, path, i: int) -> Any:
+def regression_label(value: Any, where: str) -> float:
+    """A regression target as a finite float; a missing, non-numeric or non-finite one names its row."""
     try:
-        if layout.regression:
-            return float(raw)
+        out = float(value) if value is not None and not isinstance(value, bool) and str(value).strip() else None
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not math.isfinite(out):
+        raise ConfigError(f"{where}: regression label {value!r} is not a finite number: fix or drop that row.")
+    return out
+
+
+def _glue_label(raw: str, layout: GlueLayout, path, i: int) -> Any:
+    if layout.regression:
+        return regression_label(raw, f"{path}, row {i + 1}")
+    try:
         return layout.label_map[raw] if layout.label_map else int(raw)
     except (KeyError, ValueError):
         raise ConfigError(f"{path}, row {i + 1}: label {raw!r} is not valid for this task.") from None
@@ -359,7 +370,7 @@ def _read_file(name: str, path: str, columns: tuple[str, ...], label: str,
     labels = []
     for i, v in enumerate(ds[label]):
         if regression:
-            labels.append(float(v))
+            labels.append(regression_label(v, f"task {name!r}: {path} row {i}"))
         elif str(v) in index:
             labels.append(index[str(v)])
         else:

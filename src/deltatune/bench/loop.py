@@ -60,6 +60,9 @@ class Budget:
                      "num_beams"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.max_length < MIN_LENGTH:
+            raise ConfigError(f"max_length={self.max_length} leaves no room for text next to the special "
+                              f"tokens: use --max-length >= {MIN_LENGTH}.")
         if self.dev_size < 0 or not 0 <= self.warmup < 1 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"budget {asdict(self)}: dev_size >= 0, 0 <= warmup < 1, weight_decay >= 0 "
                               f"and grad_clip >= 0 (0: no clipping) are required.")
@@ -69,6 +72,8 @@ class Budget:
         out = asdict(self)
         return out if generative else {k: v for k, v in out.items() if k not in GEN_FIELDS}
 
+
+MIN_LENGTH = 8  # tokens: [CLS] / bos, separators and eos, and some text
 
 GEN_FIELDS = ("max_new_tokens", "num_beams", "loss_on_prompt", "pack")
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from .state import CONFIG_FILE, INDEX_FILE, atomic_write, delta_meta
+from ..errors import CheckpointError, ConfigError
+from .state import CONFIG_FILE, INDEX_FILE, _read_json, atomic_write, delta_meta
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")  # delta names (DeltaModel refuses any other)
 WEIGHTS_RE = re.compile(r"delta-[0-9a-f]{16}\.safetensors")
@@ -30,9 +30,10 @@ TEMP_RE = re.compile(r"\.(delta_config\.json|deltas\.json|delta-[0-9a-f]{16}\.sa
 
 
 def _json(path: Path) -> Any:
+    """The file's JSON, or None when it is missing or unreadable (then no save owns it)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return _read_json(path)
+    except CheckpointError:
         return None
 
 
@@ -46,7 +47,8 @@ def current(root: Path) -> str | None:
     have = [f for f in (CONFIG_FILE, INDEX_FILE) if (root / f).is_file()]
     if len(have) < 2:
         return have[0] if have else None
-    stamps = [(_json(root / f) or {}).get("saved_at", 0) if _ours(_json(root / f)) else -1 for f in have]
+    data = [_json(root / f) for f in have]
+    stamps = [d.get("saved_at", 0) if _ours(d) else -1 for d in data]
     return have[1] if stamps[1] > stamps[0] else have[0]
 
 
@@ -73,8 +75,9 @@ def owned(root: Path) -> set[Path]:
             if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
                 continue  # not a name a save writes: leave whatever it points at alone
             sub = root / name
-            metas = [m for m in (entries.get(name), _json(sub / CONFIG_FILE)) if _ours(m)]
-            if _ours(_json(sub / CONFIG_FILE)):
+            own = _json(sub / CONFIG_FILE)
+            metas = [m for m in (entries.get(name), own) if _ours(m)]
+            if _ours(own):
                 files.add(sub / CONFIG_FILE)
             files |= {sub / Path(str(m.get("weights"))).name for m in metas
                       if _verified(sub / Path(str(m.get("weights"))).name, m.get("sha256"))}

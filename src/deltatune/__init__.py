@@ -37,9 +37,19 @@ from .methods.unipelt import UniPELTConfig
 from .methods.vera import VeRAConfig
 from . import interop  # noqa: F401  (registers the peft checkpoint loader and saver)
 
+
+
+def __getattr__(name: str):
+    if name == "DeltaCallback":  # imports transformers' Trainer machinery: only when asked for
+        from .callback import DeltaCallback
+
+        return DeltaCallback
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
 __all__ = [
     "Average", "Composition", "Fuse", "Parallel", "Stack",
-    "CheckpointError", "ConfigError", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer",
+    "CheckpointError", "ConfigError", "Delta", "DeltaCallback", "DeltaConfig", "DeltaError", "DeltaLayer",
     "DeltaModel", "DeltaNotFoundError", "MergeError", "TargetError", "__version__",
     "available_methods", "config_from_dict", "dequantize", "get_method", "load", "memory_report",
     "merge_quantized", "quantize", "register", "wrap",

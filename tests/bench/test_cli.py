@@ -24,7 +24,7 @@ def cli(*args):
 
 def test_bench_cli_writes_results_and_resumes(tmp_path):
     args = ["bench", *TINY, "--tasks", "SST-2", "--methods", "lora:r=4", "bitfit", "--steps", "4",
-            "--eval-every", "2", "--out", str(tmp_path)]
+            "--eval-every", "2", "--seeds", "0", "--out", str(tmp_path)]
     out = cli(*args)
     assert out.returncode == 0, out.stderr
     assert "| Method | Params (%) | SST-2 (acc) | Avg |" in out.stdout and "| `lora:r=4` |" in out.stdout
@@ -37,7 +37,7 @@ def test_bench_cli_writes_results_and_resumes(tmp_path):
 
 def test_bench_in_process_resumes_and_lists(tmp_path, capsys, one_thread):
     args = ["bench", *TINY, "--tasks", "SST-2", "--methods", "bitfit", "--steps", "2", "--eval-every", "2",
-            "--out", str(tmp_path), "--no-plots"]
+            "--seeds", "0", "--out", str(tmp_path), "--no-plots"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 0
@@ -47,7 +47,63 @@ def test_bench_in_process_resumes_and_lists(tmp_path, capsys, one_thread):
     assert main(["bench", "--list", "--exclude", "partial"]) == 0
     listing = capsys.readouterr().out
     assert "method full" in listing and "method lora " in listing and "method partial" not in listing
-    assert "budget 30 steps x batch 16" in listing
+    for name in ("quick", "paper", "combos", "nlg"):  # every suite with its budget
+        assert f"suite  {name}" in listing
+    assert listing.count("       budget ") == 4 and "this run:" in listing
+    assert "budget 150 steps x batch 16" in listing  # the quick suite's, the default
+
+
+def resolved(*argv):
+    from deltatune.cli import build_parser
+    from deltatune.commands.bench import resolve
+
+    return resolve(build_parser().parse_args(["bench", *argv]))
+
+
+def test_suites_set_defaults_that_the_command_line_overrides():
+    from deltatune.bench.methods import default_methods
+    from deltatune.bench.suites import SUITES
+
+    quick = resolved()
+    assert quick.tasks == ["SST-2"] and len(quick.seeds) >= 3 and quick.model is None
+    assert {"full", "lora", "adapter", "prompt"} <= set(quick.methods) and any(m.startswith("prefix") for m in quick.methods)
+    assert quick.budget == SUITES["quick"].budget
+    paper = resolved("--suite", "paper")
+    assert len(paper.tasks) >= 4 and paper.seeds == [0, 1, 2] and "full" in paper.methods and len(paper.methods) > 15
+    assert resolved("--suite", "nlg").model == "smollm2"
+    assert resolved("--methods", "all").methods == default_methods()
+    mixed = resolved("--suite", "paper", "--steps", "7", "--seeds", "4", "--tasks", "RTE", "--exclude", "full")
+    assert mixed.budget.steps == 7 and mixed.budget.dev_size == SUITES["paper"].budget.dev_size
+    assert mixed.seeds == [4] and mixed.tasks == ["RTE"] and "full" not in mixed.methods
+    assert resolved("--steps", "5").budget.eval_every == 5  # never scored less often than once per run
+    combos = resolved("--suite", "combos").methods
+    assert len(combos) == 7 and {"adapter", "bitfit", "prompt", "adapter+bitfit+prompt"} <= set(combos)
+
+
+def test_killed_suite_resumes_where_it_stopped(tmp_path):
+    """SIGKILL the CLI after its first run is written; the rerun skips it and finishes the rest."""
+    import signal
+    import time
+
+    args = ["bench", *TINY, "--tasks", "SST-2", "--methods", "bitfit", "lora", "layernorm", "--steps", "30",
+            "--eval-every", "10", "--seeds", "0", "--no-plots", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = tmp_path / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (results.is_file() and results.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = [json.loads(x)["method"] for x in results.read_text().splitlines() if x.endswith("}")]
+    assert first and first[0] == "bitfit"
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "[1/3] bitfit on SST-2 (seed 0): done already, skipped" in out.stderr
+    recs = [json.loads(x) for x in results.read_text().splitlines() if x.endswith("}")]
+    assert [r["method"] for r in recs if r["status"] == "ok"].count("bitfit") == 1
+    assert {r["method"] for r in recs} == {"bitfit", "lora", "layernorm"} and "wall time:" in out.stdout
 
 
 def test_train_then_eval_reproduces_the_dev_score(tmp_path):

@@ -42,6 +42,8 @@ def test_counts_are_the_deltas():
     assert dm.get_nb_trainable_parameters() == (delta, base + delta)
     emb = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
     assert dm.num_parameters(exclude_embeddings=True) == base + delta - emb
+    footprint = sum(t.nelement() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
+    assert dm.get_memory_footprint() == footprint > model.get_memory_footprint()
 
 
 def test_save_pretrained_saves_the_delta(tmp_path):
@@ -120,3 +122,19 @@ def test_trainer_with_default_arguments_trains_and_evaluates(tmp_path):
     after = dm.get_delta("default").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items() if "classifier" not in k)
+
+
+def test_a_hugging_face_base_gives_a_pretrained_model_whose_names_read_the_base():
+    from transformers import PreTrainedModel
+
+    model, dm = trained()
+    assert isinstance(dm, PreTrainedModel) and isinstance(dm, dt.DeltaModel)
+    assert dm.config is model.config and dm.base_model is model.base_model
+    assert dm.main_input_name == model.main_input_name and dm.device == model.device
+    assert dm.get_input_embeddings() is model.get_input_embeddings()
+    dm.eval()  # torch.nn.Module's own: the whole wrapper, deltas included
+    assert not any(m.training for m in dm.modules())
+    dm.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in dm.get_delta("default").parameters())
+    plain = dt.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.LoRAConfig(r=2, targets=["0"]))
+    assert not isinstance(plain, PreTrainedModel)  # no Hugging Face names to read from a plain module

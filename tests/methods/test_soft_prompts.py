@@ -91,10 +91,10 @@ def seen_by(module):
 @pytest.mark.parametrize("method", VIRTUAL)
 def test_bert_keeps_cls_first_and_extends_every_input(method):
     model = tiny_model("bert")
-    calls = seen_by(model.bert)
     x = tiny_inputs(model)
     x["token_type_ids"] = torch.ones_like(x["input_ids"])
     dm = dt.wrap(model, config(method, n=3))
+    calls = seen_by(model.bert)  # registered after the delta's hook: sees what it passes on
     dm(**x)
     kw, ids = calls[-1], x["input_ids"]
     vocab = model.config.vocab_size
@@ -107,8 +107,8 @@ def test_bert_keeps_cls_first_and_extends_every_input(method):
 
 def test_decoders_put_virtual_tokens_first_and_shift_given_positions():
     model = tiny_model("llama")
-    calls = seen_by(model.model)
     dm = dt.wrap(model, config("prompt", n=2))
+    calls = seen_by(model.model)  # registered after the delta's hook: sees what it passes on
     _, ids, mask = left_padded((3, 2))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     dm(input_ids=ids, attention_mask=mask, position_ids=pos)
@@ -121,8 +121,10 @@ def test_decoders_put_virtual_tokens_first_and_shift_given_positions():
 @pytest.mark.parametrize("method", VIRTUAL)
 @pytest.mark.parametrize("arch", DECODERS)
 def test_lm_outputs_line_up_and_virtual_labels_are_ignored(method, arch):
-    """Logits come back at the caller's length; the loss is over the caller's labels only (the
-    first real token is predicted from the prompt, as the prompt is context in front of it)."""
+    """Logits come back at the caller's length; the loss is the plain shifted loss over the
+    caller's labels (the virtual tokens live inside the backbone, so whoever calls the backbone
+    directly, e.g. TRL's fused LM head, sees the same positions; the first real token is not
+    scored from the prompt, whatever its label)."""
     model = tiny_model(arch)
     dm = dt.wrap(model, config(method))
     shake(dm)
@@ -133,7 +135,11 @@ def test_lm_outputs_line_up_and_virtual_labels_are_ignored(method, arch):
     assert out.logits.shape == (2, 6, 128)
     want = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), x["input_ids"][:, 1:].reshape(-1))
     assert torch.allclose(out.loss, want, atol=1e-6)
-    assert not torch.allclose(dm(**x, labels=x["input_ids"]).loss, want, atol=1e-4)
+    assert torch.allclose(dm(**x, labels=x["input_ids"]).loss, want, atol=1e-6)
+    with dm.disabled():
+        base = logits_of(model, x)
+    assert not torch.allclose(want, F.cross_entropy(base[:, :-1].reshape(-1, 128),
+                                                    x["input_ids"][:, 1:].reshape(-1)), atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -389,13 +395,22 @@ def test_prefix_does_not_hand_back_a_cache_nobody_asked_for():
     assert dm(**x, use_cache=True).cache.get_seq_length() == 4 + 8
 
 
-def test_prefix_dropped_by_gradient_checkpointing_is_an_error():
+def test_prefix_trains_under_gradient_checkpointing_unless_the_call_brings_a_cache():
+    """A training call gets a read-only prefix cache that checkpointed layers keep (gradients reach
+    the prefix); a cache the caller passes would be dropped by checkpointing: refused."""
+    from deltatune.methods.prefix import new_cache
+
     model = tiny_model("gpt2")
     model.gradient_checkpointing_enable()
     dm = dt.wrap(model, config("prefix"))
     dm.train()
+    x = tiny_inputs(model)
+    dm(**x, labels=x["input_ids"]).loss.backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0)
+               for p in dm.get_delta("default").parameters() if p.requires_grad)
+    assert all("_can_checkpoint_with_cache" not in vars(m) for m in model.modules())  # restored
     with pytest.raises(dt.ConfigError, match="gradient checkpointing"):
-        dm(**tiny_inputs(model))
+        dm(**x, past_key_values=new_cache(model))
 
 
 # -- the real model ----------------------------------------------------------------------------------

@@ -76,6 +76,60 @@ def save_without_delta():
         dm.save(d)
 
 
+def base_cast_in_part():
+    dm = dt.wrap(tiny_model("bert"), {"method": "bitfit"})
+    dm.model.bert.encoder.layer[1].half()
+    dm(**tiny_inputs(dm.model))
+
+
+def unstepped_schedule():
+    model = tiny_model("bert")
+    dm = dt.wrap(model, {"method": "adalora", "total_step": 100})
+    x = tiny_inputs(model)
+    for _ in range(64):  # a loop that never calls dm.step()
+        dm(**x)
+
+
+def foreign_model_file():
+    import tempfile
+
+    model = tiny_model("bert")
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        dt.wrap(model, dt.LoRAConfig()).save_pretrained(d)
+
+
+def prefix_on_packed_rows():
+    model = tiny_model("llama", task="lm")
+    ids = torch.randint(3, 128, (1, 6))
+    dt.wrap(model, {"method": "prefix"})(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+
+
+def regularization_outside_the_loss():
+    from types import MethodType
+
+    from deltatune.callback import DeltaCallback
+
+    dm = dt.wrap(tiny_model("llama", task="lm"), {"method": "adamix"})
+    dm.forward = MethodType(lambda self, **kw: None, dm)  # as TRL's fused LM head replaces it
+    DeltaCallback().on_train_begin(None, None, None, model=dm)
+
+
+def read_data_file(blob: bytes, suffix: str = ".csv"):
+    """parse_task + read of a train/dev file holding `blob` (in a temporary directory)."""
+    import tempfile
+
+    from deltatune.bench.tasks import parse_task
+
+    def call():
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/data{suffix}"
+            with open(path, "wb") as f:
+                f.write(blob)
+            parse_task(f"mine:train={path},dev={path},text=text,label=label").read("dev")
+    return call
+
+
 CONFIG_CASES = [
     ("unknown-method", ConfigError, r"unknown method 'lorra'\. Did you mean: lora.*Registered methods: ",
      lambda: dt.config_from_dict({"method": "lorra"})),
@@ -124,10 +178,30 @@ CONFIG_CASES = [
      lambda: dt.LoRAConfig(alpha=float("inf"))),
     ("layers-beyond-model", TargetError, r"layers \[5\] are beyond the model's 2 blocks: use indices in 0\.\.1",
      lambda: dt.wrap(tiny_model("bert"), dt.LoRAConfig(layers=[5]))),
-    ("wrapped-twice", ConfigError, r"already runs the deltas of another DeltaModel .* keep using the first "
+    ("wrapped-twice", ConfigError, r"already runs the deltas of another DeltaModel, active or disabled .* keep using the first "
      r"wrapper", wrapped_twice),
     ("per-example-names-mismatch", ConfigError, r"deltas= gives 1 names for a batch of 2 rows: give one delta "
      r"name \(or None for the base\) per example", per_example_short),
+    ("base-cast-in-part", ConfigError, r"part of the base model was cast from torch\.float32 to torch\.float16 "
+     r"after wrapping, but .* is torch\.float32: cast the whole model \(dm\.to\(torch\.float16\)\)",
+     base_cast_in_part),
+    ("unstepped-schedule", ConfigError, r"64 training calls ran and dm\.step\(\) was never called, so the "
+     r"schedule of \['default'\] \(adalora\) never ran: .* callbacks=\[deltatune\.DeltaCallback\(\)\]",
+     unstepped_schedule),
+    ("foreign-model-file", ConfigError, r"model\.safetensors exists and was not written by deltatune \(a full "
+     r"model\?\): save the deltas into another directory", foreign_model_file),
+    ("prefix-on-packed-rows", ConfigError, r"prefix tuning on packed rows .* set packing=False, or use 'prompt'",
+     prefix_on_packed_rows),
+    ("regularization-outside-the-loss", ConfigError, r"replaced the model's forward .* the regularization of "
+     r"\['default'\] cannot join the loss", regularization_outside_the_loss),
+    ("empty-data-file", ConfigError, r"data\.csv is empty: it needs a header row and at least one example row",
+     read_data_file(b"\n")),
+    ("header-only-data-file", ConfigError, r"data\.csv holds only its header row \('text,label'\), no example: "
+     r"add example rows below it", read_data_file(b"text,label\n")),
+    ("data-file-not-utf8", ConfigError, r"data\.csv is not valid UTF-8 text \(line 2, byte 14: invalid "
+     r"continuation byte\): save it as UTF-8", read_data_file(b"text,label\ncaf\xe9 ok,pos\n")),
+    ("unreadable-data-file", ConfigError, r"data\.jsonl cannot be read as JSONL \(.*\): fix the file, or convert",
+     read_data_file(b'{"text": "a", "label": "x"}\n{oops\n', ".jsonl")),
 ]
 
 
@@ -168,6 +242,10 @@ CHECKPOINT_CASES = [
     ("unknown-saved-config-key", r"delta_config\.json: its method config is invalid: unknown key 'rank' for "
      r"method 'lora'", lambda s, t: copy_of(s, t, {**s[1], "config": {**s[1]["config"], "rank": 4}},
                                             drop_checksum=True), None),
+    ("malformed-fingerprint", r"delta_config\.json: its 'base' entry \(the fingerprint of the model it was "
+     r"trained on\) is malformed: 'modules' is a list, not an object of module paths\. The file is corrupt or "
+     r"was edited: restore it from a copy",
+     lambda s, t: copy_of(s, t, {**s[1], "base": {**s[1]["base"], "modules": []}}, drop_checksum=True), None),
     ("not-a-delta", r"holds no delta_config\.json or deltas\.json: not a saved delta",
      lambda s, t: t, None),
     ("missing-path", r"does not exist", lambda s, t: t / "nowhere", None),

@@ -107,11 +107,13 @@ def test_the_later_manifest_wins_when_a_kill_left_both(tmp_path):
     assert torch.equal(logits_of(dt.load(tiny_model("bert"), root), x), logits_of(one, x))
 
 
-@pytest.mark.parametrize("fmt", ["deltatune"])
+@pytest.mark.parametrize("fmt", ["deltatune", "peft"])
 def test_saves_killed_at_random_moments_load_as_one_whole_save(tmp_path, fmt):
     """SIGKILL a process that keeps saving generations 1, 2, 3, ... (1, 2 or 3 deltas, every tensor
-    equal to the generation): what loads is always one generation, whole."""
-    rng = random.Random(0)
+    equal to the generation, the rank set by the count): what loads is always one generation,
+    whole (peft: "default" in the root and each other adapter in its sub-directory), and the next
+    save leaves no temporary file."""
+    rng = random.Random(0 if fmt == "deltatune" else 1)
     trials = 6
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     seen = set()
@@ -125,10 +127,79 @@ def test_saves_killed_at_random_moments_load_as_one_whole_save(tmp_path, fmt):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        back = dt.load(tiny_model("bert"), root)
-        values = {float(v) for n in back.deltas for p in back.get_delta(n).parameters() for v in p.unique()}
+        loaded = _load_generation(root, fmt)
+        values = {float(v) for dm in loaded for n in dm.deltas for p in dm.get_delta(n).parameters()
+                  for v in p.unique()}
         assert len(values) == 1, values  # every tensor of every delta from one generation
         g = int(values.pop())
-        assert len(back.deltas) == (2, 1, 3)[g % 3]
+        count = (2, 1, 3)[g % 3]
+        assert sum(len(dm.deltas) for dm in loaded) == count
+        assert {dm.get_delta(n).config.r for dm in loaded for n in dm.deltas} == {count + 1}
         seen.add(g)
+        lora_model(seed=t).save(root, format=fmt)  # the next save cleans what the kill left
+        assert not [f for f in files(root) if Path(f).name.startswith(".")], files(root)
     assert len(seen) > 1  # the kills fell at different moments
+
+
+def _load_generation(root, fmt):
+    """The deltas a directory holds, as loaded: one model (deltatune), or one per peft adapter of
+    the generation found in the root (a sub-directory of an older, bigger generation is not it)."""
+    first = dt.load(tiny_model("bert"), root)
+    if fmt == "deltatune":
+        return [first]
+    g = int(next(first.get_delta("default").parameters()).flatten()[0])
+    return [first] + [dt.load(tiny_model("bert"), root / f"d{i}") for i in range(1, (2, 1, 3)[g % 3])]
+
+
+def test_a_peft_save_killed_after_its_commit_is_finished_by_the_next_reader(tmp_path):
+    """The journal is the commit: with every new file staged and the journal in place but no rename
+    done yet, dt.load gives the new save (and leaves the fixed names holding it, for peft too)."""
+    from deltatune.interop import peft_files
+
+    root = tmp_path / "d"
+    x = tiny_inputs(tiny_model("bert"))
+    old, new = lora_model(seed=1), lora_model(seed=2)
+    old.save(root, format="peft")
+    renames = []
+    real_finish = peft_files.finish
+    peft_files.finish = lambda where: renames.append(where)  # "killed" right after the commit
+    try:
+        new.save(root, format="peft")
+    finally:
+        peft_files.finish = real_finish
+    assert (root / peft_files.JOURNAL).exists() and renames
+    assert torch.equal(logits_of(dt.load(tiny_model("bert"), root), x), logits_of(new, x))
+    assert not (root / peft_files.JOURNAL).exists()
+    assert [f for f in files(root) if not f.startswith(".")] == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("journal", ['{"temps": ["../../etc/passwd"]}', '{"temps": ["x/.adapter_config.json.a/b"]}',
+                                     "not json", '{"temps": "adapter_config.json"}', '[1, 2]'])
+def test_a_journal_that_a_save_did_not_write_moves_nothing(tmp_path, journal):
+    from deltatune.interop import peft_files
+
+    root = tmp_path / "d"
+    x = tiny_inputs(tiny_model("bert"))
+    dm = lora_model(seed=1)
+    dm.save(root, format="peft")
+    (tmp_path / "passwd").write_text("mine")
+    (root / peft_files.JOURNAL).write_text(journal)
+    assert torch.equal(logits_of(dt.load(tiny_model("bert"), root), x), logits_of(dm, x))
+    assert (tmp_path / "passwd").read_text() == "mine"
+
+
+def test_peft_loads_every_adapter_of_a_journaled_save(tmp_path):
+    """The fixed names peft needs hold the save once it finished: PeftModel.from_pretrained loads
+    "default" from the root and another adapter from its sub-directory, saved over an older save."""
+    from peft import PeftModel
+
+    root = tmp_path / "d"
+    x = tiny_inputs(tiny_model("bert"))
+    lora_model(("default", "b"), seed=1).save(root, format="peft")
+    dm = lora_model(("default", "b"), seed=2)
+    dm.save(root, format="peft")
+    for name, where in (("default", root), ("b", root / "b")):
+        dm.activate(name)
+        pm = PeftModel.from_pretrained(tiny_model("bert"), str(where))
+        assert torch.allclose(logits_of(pm, x), logits_of(dm, x), atol=1e-6)
+    assert not [f for f in files(root) if Path(f).name.startswith(".")]

@@ -55,10 +55,14 @@ def group_by_length(lengths: list[int], batch: int, seed: int, window: int = 8) 
     return [i for b in (batches[j] for j in rng.permutation(len(batches))) for i in b]
 
 
+def length_order(data: Encoded) -> list[int]:
+    """Indices longest first: batches of similar lengths pad little (order does not change scores)."""
+    return sorted(range(len(data)), key=lambda i: -len(data.features[i]["input_ids"]))
+
+
 def by_length(data: Encoded) -> Encoded:
-    """Dev examples longest first: batches of similar lengths pad little (order does not change scores)."""
-    order = sorted(range(len(data)), key=lambda i: -len(data.features[i]["input_ids"]))
-    return reorder(data, order)
+    """Dev examples longest first (see `length_order`)."""
+    return reorder(data, length_order(data))
 
 
 def reorder(data: Encoded, order: list[int]) -> Encoded:

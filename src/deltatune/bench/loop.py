@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from . import metrics as M
 from .checkpoint import (DELTA_DIR, Checkpointer, TrainingStopped, restore_trainable,
                          set_rng_state, trainable_state)
-from .data import Collator, Encoded, by_length, dev_indices, encode, pad_id
+from .data import Collator, Encoded, dev_indices, encode, length_order, pad_id, reorder
 from .gendata import LMCollator
 from .measure import PeakMemory
 from .tasks import Task
@@ -112,8 +112,8 @@ def linear_schedule(optimizer, steps: int, warmup: float, start: int = 0):
 
 
 @torch.no_grad()
-def evaluate(model, loader, task: Task, acc) -> dict[str, float]:
-    """Every task metric on `loader` (gathered across processes)."""
+def outputs(model, loader, acc) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, gold labels) on `loader`, gathered across processes, in the loader's order."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -124,15 +124,27 @@ def evaluate(model, loader, task: Task, acc) -> dict[str, float]:
         logits.append(out.cpu().numpy())
         labels.append(gold.cpu().numpy())
     model.train(was_training)
-    return M.score(task, np.concatenate(logits), np.concatenate(labels))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate(model, loader, task: Task, acc) -> dict[str, float]:
+    """Every task metric on `loader` (gathered across processes)."""
+    return M.score(task, *outputs(model, loader, acc))
 
 
 class ClassScorer:
-    """Dev metrics of a classification / regression task (the loader prepared once per accelerator)."""
+    """Dev metrics of a classification / regression task (the loader prepared once per accelerator).
 
-    def __init__(self, dev: Encoded, task: Task, pad: int, batch_size: int):
+    ``ids``: each dev example's index in the dev split, in the scored order. After every call,
+    ``last`` holds that evaluation's per-example predictions and gold labels, sorted by id: what
+    the statistics need for a bootstrap over examples and for pairing two methods example by
+    example (`stats`, `compare`)."""
+
+    def __init__(self, dev: Encoded, task: Task, pad: int, batch_size: int, ids: list[int] | None = None):
         self.dev, self.task, self.pad, self.batch_size = dev, task, pad, batch_size
+        self.ids = list(range(len(dev))) if ids is None else list(ids)
         self._loader: tuple[Any, Any] | None = None
+        self.last: dict[str, list] | None = None
 
     def __len__(self) -> int:
         return len(self.dev)
@@ -141,7 +153,13 @@ class ClassScorer:
         if self._loader is None or self._loader[0] is not acc:
             dl = DataLoader(self.dev, batch_size=self.batch_size, collate_fn=Collator(self.pad, self.task.regression))
             self._loader = (acc, acc.prepare(dl))
-        return evaluate(model, self._loader[1], self.task, acc)
+        logits, gold = outputs(model, self._loader[1], acc)
+        pred = M.predictions(self.task, np.asarray(logits, dtype=np.float64))
+        order = np.argsort(self.ids, kind="stable")
+        cast = float if self.task.regression else int
+        self.last = {"ids": [self.ids[i] for i in order], "pred": [cast(pred[i]) for i in order],
+                     "gold": [cast(gold[i]) for i in order]}
+        return M.score(self.task, logits, gold)
 
 
 def dev_scorer(task: Task, dev, tokenizer, dev_size: int, max_length: int, batch_size: int,
@@ -154,8 +172,10 @@ def dev_scorer(task: Task, dev, tokenizer, dev_size: int, max_length: int, batch
     if task.generative:
         return GenScorer(gen_dev(tokenizer, task, dev, dev_size, max_length), task, tokenizer, pad,
                          max_new_tokens, num_beams, min(batch_size, LOSS_BATCH))
-    data = by_length(encode(tokenizer, dev.subset(dev_indices(len(dev), dev_size)), max_length, task.regression))
-    return ClassScorer(data, task, pad, batch_size)
+    ids = dev_indices(len(dev), dev_size)
+    data = encode(tokenizer, dev.subset(ids), max_length, task.regression)
+    order = length_order(data)
+    return ClassScorer(reorder(data, order), task, pad, batch_size, ids=[ids[i] for i in order])
 
 
 def score_model(model, scorer, acc) -> dict[str, float]:

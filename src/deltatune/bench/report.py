@@ -2,11 +2,13 @@
 
 Layout of an output directory:
     results.jsonl    one line per run (config, environment, metrics, curves); appended as runs end
-    summary.md       performance (methods x tasks, average, params %), efficiency, convergence
-    curves.png       dev metric vs step, one panel per task, one line per method
+    summary.md       performance (methods x tasks, average, params %) with 95% intervals, paired
+                     differences to full fine-tuning and LoRA, efficiency, convergence, findings
+    curves.png       dev metric vs step with 95% bands over seeds, one panel per task
     tradeoff.png     average metric vs trainable-parameter fraction
     efficiency.png   step time and peak memory per method
-Metrics are stored on their 0-1 scale and shown x100, mean (± std over seeds when several).
+Metrics are stored on their 0-1 scale and shown x100. Intervals: t over seeds, or with one seed a
+bootstrap over dev examples (`stats`, `compare`, `tables`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import compare, findings, tables
 from .metrics import SHORT, UNSCALED
 
 RESULTS = "results.jsonl"
@@ -78,10 +81,6 @@ def _pct(v: float | None, std: float | None = None) -> str:
     return f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
-def _params_pct(p: float) -> str:
-    return "100" if p >= 99.995 else (f"{p:.3g}" if p >= 0.001 else f"{p:.2g}")
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -96,24 +95,6 @@ def _avg(rs: list[dict[str, Any]], key: str) -> float | None:
 
 
 # -- the Markdown summary -------------------------------------------------------------------------
-def performance_table(methods: list[str], tasks: list[tuple[str, str]], groups, failed) -> list[str]:
-    head = ["Method", "Params (%)"] + [f"{t} ({SHORT[m]})" for t, m in tasks] + ["Avg"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in methods:
-        cells, means, params = [], [], None
-        for task, _ in tasks:
-            rs = groups.get((method, task), [])
-            mean, std = _mean_std([r["metric"] for r in rs])
-            cells.append("failed" if not rs and (method, task) in failed else _pct(mean, std))
-            if rs:
-                means.append(mean)
-                params = params if params is not None else rs[0]["efficiency"]["trainable_percent"]
-        avg = statistics.fmean(means) if len(means) == len(tasks) else None
-        row = [f"`{method}`", _params_pct(params) if params is not None else "–", *cells, _pct(avg)]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
 def efficiency_table(methods: list[str], groups) -> list[str]:
     head = ["Method", "Trainable params", "Step time (ms)", "Throughput (ex/s)", "Peak memory (MB)",
             "Memory over start (MB)", "Delta on disk"]
@@ -127,25 +108,6 @@ def efficiency_table(methods: list[str], groups) -> list[str]:
         over = statistics.fmean([r["efficiency"]["peak_mem_mb"] - r["efficiency"]["mem_start_mb"] for r in rs])
         lines.append(f"| `{method}` | {eff['trainable']:,} | {1000 * step:.0f} | {thr:.1f} | {peak:.0f} | "
                      f"{over:.0f} | {_size(eff['delta_bytes'])} |")
-    return lines
-
-
-def convergence_table(methods: list[str], tasks: list[tuple[str, str]], groups) -> list[str]:
-    head = ["Method"] + [f"{t}: best / step / s to 90%" for t, _ in tasks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in methods:
-        cells = []
-        for task, _ in tasks:
-            rs = groups.get((method, task), [])
-            if not rs:
-                cells.append("–")
-                continue
-            best = statistics.fmean(r["convergence"]["best"] for r in rs)
-            steps = [r["convergence"]["steps_to_90"] for r in rs if r["convergence"]["steps_to_90"] is not None]
-            secs = [r["convergence"]["seconds_to_90"] for r in rs if r["convergence"]["seconds_to_90"] is not None]
-            reach = f"{statistics.fmean(steps):.0f} / {statistics.fmean(secs):.1f}" if steps else "never"
-            cells.append(f"{_pct(best)} / {reach}")
-        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -177,7 +139,9 @@ def generation_table(methods: list[str], task: str, groups) -> list[str]:
 def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[str, str]],
                      title: str = "deltatune bench") -> str:
     groups = grouped(records)
-    failed = {(r["method"], r["task"]): r.get("error", "") for r in records if r.get("status") != "ok"}
+    done = {(r["method"], r["task"], r["seed"]) for r in records if r.get("status") == "ok"}
+    failed = {(r["method"], r["task"], r["seed"]): r.get("error", "") for r in records
+              if r.get("status") != "ok" and (r["method"], r["task"], r["seed"]) not in done}
     ok = [r for r in records if r.get("status") == "ok"]
     lines = [f"# {title}", ""]
     if ok:
@@ -190,18 +154,39 @@ def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: l
             f"dev subset {b['dev_size'] or 'all'} (scored every {b['eval_every']} steps).",
             f"Machine: {_machine(r0)}.", "",
         ]
-    lines += ["## Performance (dev, x100)", ""] + performance_table(methods, tasks, groups, failed)
+    c, names = compare.cells(records), [t for t, _ in tasks]
+    lines += ["## Performance (dev, x100; mean [95% interval])", ""]
+    lines += tables.performance_table(c, methods, tasks, {(m, t) for m, t, _ in failed})
+    lines += ["", _interval_note(ok)]
+    diff, unpaired = tables.difference_table(c, methods, names)
+    if diff:
+        lines += ["", "## Paired differences (dev, x100; bold: the 95% interval excludes 0)", ""] + diff
+        lines += [""] + [f"- unpaired: {r}" for r in unpaired] if unpaired else []
     lines += ["", "## Efficiency (mean over tasks and seeds)", ""] + efficiency_table(methods, groups)
     lines += ["", "Peak memory: " + _mem_note(ok), ""]
-    lines += ["## Convergence (dev metric: best, then steps / training seconds to 90% of the gain "
-              "from step 0 to the best)", ""] + convergence_table(methods, tasks, groups)
+    lines += [f"## Convergence (best dev score; steps and training seconds to {compare.FRACTION:.0%} of "
+              f"full fine-tuning's final score, over the seeds that reached it)", ""]
+    lines += tables.convergence_table(c, methods, names)
+    if ok:
+        lines += ["", "## Findings", ""]
+        lines += findings.markdown(findings.findings(c, methods, names, ok[0]["budget"]["eval_every"]))
     for task in generative_tasks(ok):
         lines += ["", f"## Generation: {task} (dev; scores x100, loss per completion token)", ""]
         lines += generation_table(methods, task, groups)
     if failed:
-        lines += ["", "## Runs that failed", ""]
-        lines += [f"- `{m}` on {t}: {err}" for (m, t), err in failed.items() if (m, t) not in groups]
+        lines += ["", "## Runs that failed (retried when the suite runs again)", ""]
+        lines += [f"- `{m}` on {t}, seed {s}: {err}" for (m, t, s), err in failed.items()]
     return "\n".join(lines) + "\n"
+
+
+def _interval_note(ok: list[dict[str, Any]]) -> str:
+    seeds = len({r["seed"] for r in ok})
+    how = (f"Student t over the {seeds} seeds" if seeds > 1 else
+           "one seed: a percentile bootstrap over the dev examples (the seed's spread is not in it)")
+    hours = sum(r.get("seconds", 0.0) for r in ok) / 60
+    return (f"Intervals: 95%, {how}. {tables.ONE_CLASS}: at least one seed's final model predicts one "
+            f"class for every dev example (it has not left the majority class). The runs took "
+            f"{hours:.1f} min in all (training and scoring, models loaded once).")
 
 
 def _machine(r: dict[str, Any]) -> str:
@@ -236,17 +221,30 @@ def plots(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[s
 
 
 def _curves(groups, methods, tasks, path: Path) -> Path:
+    """Mean dev metric per evaluation with its 95% t band over seeds (none with one seed), and
+    the convergence target (a fraction of full fine-tuning's final score) dashed."""
     import matplotlib.pyplot as plt
 
+    from .stats import t_interval
+
+    c = compare.cells(r for rs in groups.values() for r in rs)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, (task, metric) in zip(axes[0], tasks):
         for method in methods:
             rs = groups.get((method, task))
             if not rs:
                 continue
-            steps = [c["step"] for c in rs[0]["curve"]]
-            ys = [100 * statistics.fmean(r["curve"][i]["metric"] for r in rs) for i in range(len(steps))]
-            ax.plot(steps, ys, marker="o", ms=3, label=method)
+            n = min(len(r["curve"]) for r in rs)
+            steps = [rs[0]["curve"][i]["step"] for i in range(n)]
+            ivs = [t_interval([r["curve"][i]["metric"] for r in rs]).scaled(100) for i in range(n)]
+            line, = ax.plot(steps, [iv.mean for iv in ivs], marker="o", ms=3, label=method)
+            if all(iv.has_interval for iv in ivs):
+                ax.fill_between(steps, [iv.low for iv in ivs], [iv.high for iv in ivs],
+                                color=line.get_color(), alpha=0.15, lw=0)
+        target = compare.target(c, task)
+        if target is not None:
+            ax.axhline(100 * target, color="grey", ls="--", lw=0.8,
+                       label=f"{compare.FRACTION:.0%} of full's final")
         ax.set(title=task, xlabel="training step", ylabel=f"dev {SHORT[metric]} (x100)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

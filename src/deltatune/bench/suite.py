@@ -167,6 +167,8 @@ class Runner:
         eff.update(trainable=built.trainable, base_params=built.base_params, delta_bytes=delta_bytes(built),
                    trainable_percent=100.0 * built.trainable / max(built.base_params, 1))
         extra = {"data": self.notes.get(task.name, {})} if task.generative else {}
+        if getattr(scorer, "last", None) is not None:  # per-example dev predictions of the final model
+            extra["dev"] = scorer.last
         if task.generative:
             extra["samples"] = [{"input": i, "output": o, "references": r[:3]} for i, o, r in
                                 zip(scorer.dev.inputs[:5], scorer.outputs[:5], scorer.dev.references[:5])]

@@ -161,13 +161,33 @@ def glue_root(data_dir: str | None = None):
     return resources.files("deltatune") / "data" / "glue"
 
 
-def read_tsv(path) -> list[list[str]]:
+def read_tsv(path, header: bool = True) -> list[list[str]]:
     """Rows of a GLUE TSV file; utf-8-sig drops MRPC's byte-order mark."""
     try:
+        check_text_file(path, header)
         with path.open(encoding="utf-8-sig", newline="") as f:
             return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist: the GLUE directory needs <TASK>/<split>.tsv files.") from None
+
+
+def check_text_file(path, header: bool) -> None:
+    """A user's text data file must be UTF-8 and hold an example (after its header, if `header`):
+    else `datasets` or the csv module fail with a traceback that names neither file nor fix."""
+    blob = Path(path).read_bytes()
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = blob[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not valid UTF-8 text (line {line}, byte {e.start}: {e.reason}): save it "
+                          f"as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT).") from None
+    lines = [ln for ln in text.lstrip("\ufeff").splitlines() if ln.strip()]
+    if not lines:
+        raise ConfigError(f"{path} is empty: it needs {'a header row and ' if header else ''}at least one "
+                          f"example row.")
+    if header and len(lines) == 1:
+        raise ConfigError(f"{path} holds only its header row ({lines[0][:80]!r}), no example: add example "
+                          f"rows below it.")
 
 
 @dataclass(frozen=True)
@@ -193,7 +213,7 @@ def glue_reader(task: str, layout: GlueLayout) -> Callable[[str, str | None], Ex
     @functools.lru_cache(maxsize=4)
     def read(split: str, data_dir: str | None) -> Examples:  # callers copy (Examples.subset)
         path = glue_root(data_dir) / task / f"{split}.tsv"
-        rows = read_tsv(path)
+        rows = read_tsv(path, layout.header)
         header = rows.pop(0) if layout.header else None
         cols = [_column(header, t, path) for t in layout.texts]
         lab = _column(header, layout.label, path)
@@ -350,7 +370,17 @@ def _load(path: str, columns: list[str]):
     datasets.disable_progress_bars()
     suffix = Path(path).suffix.lower()
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    ds = datasets.load_dataset(BUILDERS[suffix], data_files={"split": path}, split="split", **kwargs)
+    if BUILDERS[suffix] != "parquet":
+        check_text_file(path, header=BUILDERS[suffix] == "csv")
+    try:
+        ds = datasets.load_dataset(BUILDERS[suffix], data_files={"split": path}, split="split", **kwargs)
+    except Exception as e:  # pyarrow / datasets parse errors: name the file, the format, the cause
+        cause = e
+        while (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise ConfigError(f"{path} cannot be read as {suffix[1:].upper()} ({first}): fix the file, or "
+                          f"convert it to one of {sorted(BUILDERS)}.") from e
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ConfigError(f"{path}: no column {missing[0]!r}; the file has {ds.column_names}.")

@@ -7,6 +7,8 @@ dots); ``delta_state_dict`` turns them back into ``<module path>.<tensor>`` keys
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -29,17 +31,30 @@ def key_to_path(key: str) -> str:
     return "" if key == ROOT_KEY else key.replace("/", ".")
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's direct parameters and buffers that a layer's merge may write, as plain tensors
+    (a tensor subclass, e.g. packed 4-bit codes, is no weight a layer adds into: it refuses)."""
+    both = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return [(n, t) for n, t in both if type(t.detach()) is torch.Tensor]
+
+
 class Delta(nn.Module):
     config_cls: ClassVar[type[DeltaConfig]]
     default_roles: ClassVar[tuple[str, ...]] = ()
     supported_types: ClassVar[tuple[type, ...]] = ()  # empty: any module type
     combiner: ClassVar[bool] = False  # True: only mixes other deltas' outputs (compose.Fuse)
+    #: while merged: the base tensors an exact merge copied (per layer key), or the delta's own
+    #: values at a non-exact merge (see ``merge``)
+    _base_copy: dict[str, dict[str, torch.Tensor]] | None = None
+    _at_merge: dict[str, torch.Tensor] | None = None
 
     def __init__(self, name: str, config: DeltaConfig, model: nn.Module):
         super().__init__()
         self.name = name
         self.config = config
         self.layers = nn.ModuleDict()
+        #: layer key -> the module path it runs on, for layers that do not run on their own path
+        self.sites: dict[str, str] = {}
         self.build(model)
         self.add_heads(model)
         if not len(self.layers):
@@ -88,15 +103,25 @@ class Delta(nn.Module):
     def make_layer(self, path: str, module: nn.Module) -> DeltaLayer:
         raise NotImplementedError
 
-    def add_layer(self, path: str, layer: DeltaLayer, clash: str = "") -> None:
+    def add_layer(self, path: str, layer: DeltaLayer, clash: str = "", site: str | None = None) -> None:
         """The delta's layer at module `path`; a second layer there is refused (`clash`: why it
-        happened, in the method's words), never overwritten."""
-        key = path_to_key(path)
-        if key in self.layers:
-            raise TargetError(clash or f"{self.config.method}: two layers on {path or '<model>'!r} "
-                                       f"({type(self.layers[key]).__name__} and {type(layer).__name__}): "
+        happened, in the method's words), never overwritten. `site`: the module it runs on when
+        that is not `path` (a model-level layer that must run where every caller passes: the
+        backbone, which trainers may call directly); its tensors keep `path`'s name."""
+        key, site = path_to_key(path), path if site is None else site
+        taken = next((k for k in self.layers if self.site(k) == site), None)
+        if key in self.layers or taken is not None:
+            other = self.layers[key if key in self.layers else taken]
+            raise TargetError(clash or f"{self.config.method}: two layers on {site or '<model>'!r} "
+                                       f"({type(other).__name__} and {type(layer).__name__}): "
                                        f"choose targets that name each module once.")
         self.layers[key] = layer
+        if site != path:
+            self.sites[key] = site
+
+    def site(self, key: str) -> str:
+        """The module path the layer `key` runs on."""
+        return self.sites.get(key, key_to_path(key))
 
     def head_names(self, model: nn.Module) -> list[str]:
         """Modules trained fully and saved whole: the config's, or the model's fresh task head."""
@@ -117,6 +142,12 @@ class Delta(nn.Module):
         return [key_to_path(k) for k in self.layers]
 
     # -- training-loop hooks (no-ops unless a method needs them) ---------------------------------
+    @property
+    def scheduled(self) -> bool:
+        """Whether training this delta needs ``on_step`` each optimizer step (a method that
+        overrides it: a budget schedule, a switch of tensors)."""
+        return type(self).on_step is not Delta.on_step
+
     def regularization(self) -> torch.Tensor | None:
         """An extra loss term (orthogonality, L0 penalty, ...); None when the method has none."""
         return None
@@ -147,7 +178,11 @@ class Delta(nn.Module):
     def mergeable(self) -> bool:
         return all(layer.mergeable for layer in self.layers.values())
 
-    def merge(self, model: nn.Module) -> None:
+    def merge(self, model: nn.Module, exact: bool = True) -> None:
+        """Fold the delta into `model`'s weights. ``exact``: first copy each tensor of a module
+        whose layer cannot restore it bit for bit itself (``exact_unmerge``), for ``unmerge``.
+        Without: keep the delta's own values (small) instead, so that an optimizer step while
+        merged cannot make ``unmerge`` subtract something other than what was added."""
         bad = [k for k, layer in self.layers.items() if not layer.mergeable]
         if bad:
             raise MergeError(
@@ -156,8 +191,14 @@ class Delta(nn.Module):
                 f"weight to fold into. Keep it unmerged (it still runs), or use a mergeable method."
             )
         self._check_untied(model)
-        for key, layer in self.layers.items():
-            layer.merge(model.get_submodule(key_to_path(key)))
+        with torch.no_grad():
+            self._base_copy = {} if exact else None
+            self._at_merge = None if exact else {k: v.clone() for k, v in self.state_dict().items()}
+            for key, layer in self.layers.items():
+                module = model.get_submodule(key_to_path(key))
+                if exact and not layer.exact_unmerge:
+                    self._base_copy[key] = {n: t.detach().clone() for n, t in _own_tensors(module)}
+                layer.merge(module)
 
     def _check_untied(self, model: nn.Module) -> None:
         """Merging into a tied weight (GPT-2's wte = lm_head) would change its twin too."""
@@ -176,9 +217,34 @@ class Delta(nn.Module):
                         f"would change too. Keep it unmerged, or exclude that module from targets."
                     )
 
+    @torch.no_grad()
     def unmerge(self, model: nn.Module) -> None:
-        for key, layer in reversed(list(self.layers.items())):
-            layer.unmerge(model.get_submodule(key_to_path(key)))
+        """Take the delta out of `model`'s weights: the copies kept by an exact merge are put back
+        (bit for bit, whatever changed since); else each layer undoes what it added, computed from
+        the delta's values at merge time (an optimizer step since does not leak into the base)."""
+        copies = self._base_copy or {}
+        with self._values_at_merge():
+            for key, layer in reversed(list(self.layers.items())):
+                module = model.get_submodule(key_to_path(key))
+                layer.unmerge(module)  # also clears the layer's own merge state
+                for n, old in copies.pop(key, {}).items():
+                    getattr(module, n).copy_(old)
+        self._base_copy = None
+
+    @contextlib.contextmanager
+    def _values_at_merge(self) -> Iterator[None]:
+        """Inside: the delta's tensors as they were at a non-exact merge; after: as they are now."""
+        then, self._at_merge = self._at_merge, None
+        now = self.state_dict()  # shares storage with the parameters
+        changed = {k: v.clone() for k, v in now.items()
+                   if then is not None and k in then and not torch.equal(v, then[k])}
+        for k in changed:
+            now[k].copy_(then[k])
+        try:
+            yield
+        finally:
+            for k, v in changed.items():
+                now[k].copy_(v)
 
     # -- state ------------------------------------------------------------------------------------
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
@@ -218,6 +284,12 @@ class Delta(nn.Module):
         """JSON-serializable state saved beside the config (seeds, schedules...)."""
         return {}
 
+    def state_extra(self) -> dict[str, Any]:
+        """The extra state that shapes this delta like its own ``state_dict()`` (the Hugging Face
+        layout saves that one, for Trainer to resume): ``extra_state()`` unless a method saves
+        ``delta_state_dict()`` in another shape (a folded reparameterization)."""
+        return self.extra_state()
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore ``extra_state``; called before the tensors are loaded."""
+        """Restore ``extra_state`` (or ``state_extra``); called before the tensors are loaded."""
 

@@ -6,9 +6,13 @@ method would silently act on the base only: ``save_pretrained`` would write the 
 the delta, ``num_parameters(only_trainable=True)`` would count 0. Each name here either does the
 right thing for base + deltas or refuses with the deltatune call to use.
 
-The forward signature: Trainer keeps only the dataset columns that ``model.forward`` names and
-finds label names in the forward of the model's *class*, so each base class gets a DeltaModel
-subclass whose ``forward`` shows the base's parameters (``typed_class``).
+The class: Trainer keeps only the dataset columns that ``model.forward`` names and finds label
+names in the forward of the model's *class*, and it saves a model through ``save_pretrained`` only
+if it is a ``PreTrainedModel`` (else it writes the whole state dict, base included). So each base
+class gets a DeltaModel subclass (``typed_class``) whose ``forward`` shows the base's parameters
+and which, for a Hugging Face base, is also a ``PreTrainedModel``: every name that class defines
+and DeltaModel does not is forwarded to the base (as DeltaModel's ``__getattr__`` does), except
+``torch.nn.Module``'s own methods (``to``, ``train``, ... act on base + deltas).
 """
 from __future__ import annotations
 
@@ -46,6 +50,11 @@ class HFSurface:
         return sum(p.numel() for p in self.parameters()
                    if id(p) not in skip and (p.requires_grad or not only_trainable))
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of base + deltas' parameters (and buffers), as transformers reports a model's."""
+        tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameters, as peft's ``PeftModel`` reports them."""
         return self.num_parameters(only_trainable=True), self.num_parameters()
@@ -56,14 +65,16 @@ class HFSurface:
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
     # -- saving --------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, *, format: str = "deltatune",
+    def save_pretrained(self, save_directory: str | os.PathLike, *, format: str = "hf",
                         name: str | None = None, is_main_process: bool = True,
                         state_dict: dict | None = None, push_to_hub: bool = False,
                         safe_serialization: bool = True, **kwargs: Any) -> None:
-        """The deltas (not the base), in the format ``dt.load`` reads: ``dm.save(path, name, format)``.
+        """The deltas (not the base), in a format ``dt.load`` reads: ``dm.save(path, name, format)``.
 
-        ``format="peft"`` writes peft's adapter directory. Arguments that would change what is
-        written (a ``state_dict``, unsafe serialization, pushing, unknown options) are refused."""
+        ``format="hf"`` (default): one ``model.safetensors`` under the wrapper's state-dict names,
+        what Trainer resumes from (core/hfsave.py); ``"deltatune"``: ``dm.save``'s layout;
+        ``"peft"``: peft's adapter directory. Arguments that would change what is written (a
+        ``state_dict``, unsafe serialization, pushing, unknown options) are refused."""
         if state_dict is not None:
             raise ConfigError("save_pretrained(state_dict=...) would write those tensors, not the deltas: "
                               "deltatune saves each delta's own tensors; call dm.save_pretrained(path).")
@@ -76,6 +87,12 @@ class HFSurface:
                               f"the deltas with dm.save(path, name=None, format='deltatune'|'peft').")
         if is_main_process:
             self.save(str(save_directory), name=name, format=format)
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """The base's state-dict names: no save writes them (Trainer, when it loads a checkpoint
+        with ``strict=False``, reads these as expected-missing rather than warning about each)."""
+        return [f"model.{k}" for k in self.model.state_dict()]
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         raise ConfigError("deltatune does not upload (this library runs offline): dm.save(path), then "
@@ -110,11 +127,27 @@ def refused(name: str) -> Any:
 
 @functools.cache
 def typed_class(base: type, wrapper: type) -> type:
-    """A subclass of `wrapper` (DeltaModel) whose ``forward`` shows `base`'s forward parameters
-    (plus ``deltas=``), for code that reads the signature (Trainer's column and label names)."""
+    """A subclass of `wrapper` (DeltaModel) made for the base class `base`: its ``forward`` shows
+    `base`'s forward parameters (plus ``deltas=``), and for a Hugging Face base it is also a
+    ``PreTrainedModel`` whose names act on the base (module docstring)."""
+    namespace: dict[str, Any] = {"__module__": wrapper.__module__}
+    forward = _typed_forward(base, wrapper)
+    if forward is not None:
+        namespace["forward"] = forward
+    bases: tuple[type, ...] = (wrapper,)
+    pretrained = _pretrained_class()
+    if pretrained is not None and issubclass(base, pretrained):
+        bases = (wrapper, pretrained)
+        namespace.update(_forwarders(base, wrapper, pretrained))
+    if len(namespace) == 1:
+        return wrapper
+    return type(f"{wrapper.__name__}For{base.__name__}", bases, namespace)
+
+
+def _typed_forward(base: type, wrapper: type) -> Any:
     params = list(inspect.signature(base.forward).parameters.values())
     if any(p.name == "deltas" for p in params):
-        return wrapper  # the name is taken: keep the generic signature
+        return None  # the name is taken: keep the generic signature
     keyword = inspect.Parameter("deltas", inspect.Parameter.KEYWORD_ONLY, default=None)
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     signature = inspect.Signature(params[:at] + [keyword] + params[at:])
@@ -124,4 +157,41 @@ def typed_class(base: type, wrapper: type) -> type:
 
     forward.__signature__ = signature
     forward.__doc__ = wrapper.forward.__doc__
-    return type(f"{wrapper.__name__}For{base.__name__}", (wrapper,), {"forward": forward, "__module__": wrapper.__module__})
+    return forward
+
+
+def _pretrained_class() -> type | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return PreTrainedModel
+
+
+class _Forward:
+    """A name of PreTrainedModel's classes, read from the wrapped base model (a non-data
+    descriptor: an attribute set on the wrapper itself still wins, as with ``__getattr__``)."""
+
+    def __init__(self, name: str, base: type):
+        self.name, self.base = name, base
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return getattr(self.base, self.name)
+        return getattr(obj.model, self.name)
+
+
+def _forwarders(base: type, wrapper: type, pretrained: type) -> dict[str, Any]:
+    ours = {n for c in wrapper.__mro__ if c not in (nn.Module, object) for n in vars(c)}
+    names = {n for c in pretrained.__mro__ if c not in (nn.Module, object) for n in vars(c)}
+    out: dict[str, Any] = {}
+    for n in sorted(names - ours):
+        if n.startswith("__") and n.endswith("__"):
+            continue
+        if n in _HF_ADAPTER_API:
+            out[n] = property(lambda self, n=n: refused(n))
+        elif n in vars(nn.Module):
+            out[n] = vars(nn.Module)[n]  # to / train / half ...: the whole wrapper, not the base
+        else:
+            out[n] = _Forward(n, base)
+    return out

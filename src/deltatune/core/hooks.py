@@ -5,6 +5,8 @@ deltas. With no active layer a Host removes its hooks, so a disabled model runs 
 """
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,20 +19,52 @@ from .layer import DeltaLayer, first_input
 from .swap import restore, swap_in, swapped
 
 
-def hosted(model: nn.Module) -> bool:
-    """Whether a Host (of any DeltaModel) has hooks on one of `model`'s modules."""
+# base module -> its live wrapper (weak both ways: a module keeps no attribute, so it still pickles,
+# and a wrapper nobody holds any more does not count; a deepcopy of the base is not marked)
+_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def mark(model: nn.Module, wrapper: nn.Module) -> None:
+    """Record that `wrapper` owns `model` and its modules (at wrap time: a wrap of a submodule is
+    seen too), seen even while none of its hooks is on."""
+    ref = weakref.ref(wrapper)
     for m in model.modules():
+        _WRAPPERS[m] = ref
+
+
+def unmark(model: nn.Module) -> None:
+    for m in model.modules():
+        _WRAPPERS.pop(m, None)
+
+
+def hosted(model: nn.Module) -> bool:
+    """Whether `model` or one of its modules belongs to a live wrapper (marked at wrap time, hooks
+    on or not: its deltas may be disabled just now), or carries a Host's hooks."""
+    for m in model.modules():
+        owner = _WRAPPERS.get(m)
+        if owner is not None and owner() is not None:
+            return True
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             if any(isinstance(getattr(h, "__self__", None), Host) for h in hooks.values()):
                 return True
     return False
 
 
+def float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter (None: it holds none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
 class Host:
-    def __init__(self, module: nn.Module, path: str, context: CallContext):
+    def __init__(self, module: nn.Module, path: str, context: CallContext,
+                 on_cast: Callable[[torch.dtype, torch.dtype], None] | None = None):
         self.module = module
         self.path = path
         self.context = context  # the owning DeltaModel's, shared by all its Hosts
+        #: the module's dtype when its deltas last matched it; a call that finds another one (the
+        #: base was cast after wrapping: model.half()) asks `on_cast(old, new)` to cast the deltas
+        self.dtype = float_dtype(module)
+        self.on_cast = on_cast
         self.layers: dict[str, DeltaLayer] = {}
         self._pre: list[DeltaLayer] = []
         self._par: list[DeltaLayer] = []
@@ -81,7 +115,14 @@ class Host:
         self._install()
 
     # -- the hooks --------------------------------------------------------------------------------
+    def _check_cast(self, module: nn.Module) -> None:
+        """Before any delta runs on a base that was cast since (cheap: one parameter's dtype)."""
+        now = float_dtype(module)
+        if now != self.dtype and now is not None and self.dtype is not None and self.on_cast is not None:
+            self.on_cast(self.dtype, now)
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._check_cast(module)
         if self._par:
             self._swapped.append(swap_in(module, self._par))
         for layer in self._pre:
@@ -93,6 +134,8 @@ class Host:
             restore(module, self._swapped.pop())
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not (self._pre or self._par):  # else the pre hook checked
+            self._check_cast(module)
         if self._routes is not None:
             return self._routed_post(module, args, kwargs, output)
         if self._comp is not None:

@@ -34,6 +34,9 @@ class LayerUses(NamedTuple):
 
 class DeltaLayer(nn.Module):
     mergeable: bool = False
+    #: True when ``unmerge`` gives the module's tensors back bit for bit by itself (the layer keeps
+    #: what ``merge`` overwrote); otherwise ``Delta.merge(exact=True)`` keeps a copy for it
+    exact_unmerge: bool = False
     #: the DeltaModel's CallContext (core/context.py), set when the layer's delta is attached
     context: CallContext | None = None
 
@@ -122,6 +125,7 @@ class ParamCopy(DeltaLayer):
     """Full trainable copies of a module's direct parameters (task heads, ``modules_to_save``)."""
 
     mergeable = True
+    exact_unmerge = True  # merge stashes the base values it overwrites
 
     def __init__(self, module: nn.Module):
         super().__init__()

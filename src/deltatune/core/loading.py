@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..errors import CheckpointError
-from . import compose
+from . import compose, hfsave
 from .model import DeltaModel
 from .savedir import current
 from .state import CONFIG_FILE, INDEX_FILE, LOADERS, _read_json, load_one
@@ -34,6 +34,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
                 return loader(model, root, name)
         raise CheckpointError(f"{root} holds no {CONFIG_FILE} or {INDEX_FILE}: not a saved delta.")
     dm = as_delta_model(model)
+    if manifest == hfsave.WEIGHTS:
+        activate_saved(dm, *hfsave.load(dm, root, name))
+        return dm
     if manifest == CONFIG_FILE:
         load_one(dm, root, name)
         return dm
@@ -46,10 +49,15 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None):
     entries = index.get("entries") if isinstance(index, dict) and isinstance(index.get("entries"), dict) else {}
     for n in names:  # each delta as the index committed it (an older index: its sub-directory's config)
         load_one(dm, root / n, n, activate=False, meta=entries.get(n))
+    activate_saved(dm, index, names)
+    return dm
+
+
+def activate_saved(dm: DeltaModel, index: dict, names: list[str]) -> None:
+    """Activate the loaded `names` as the save recorded (its composition, else its active list)."""
     comp = index.get("composition")
     if comp is not None and set(compose.from_dict(comp).names()) <= set(names):
         dm.activate(compose.from_dict(comp))
-        return dm
+        return
     active = [n for n in index.get("active", []) if n in names and not dm.get_delta(n).combiner]
     dm.activate(*(active or [n for n in names if not dm.get_delta(n).combiner][:1]))
-    return dm

@@ -18,15 +18,18 @@ from . import compose
 from .compose import Composition
 from .config import DeltaConfig
 from .context import CallContext
-from .delta import Delta, key_to_path
+from .delta import Delta
 from .hf import HFSurface, refused, typed_class
-from .hooks import Host, hosted
+from .hooks import Host, float_dtype, hosted, mark, unmark
 from .outputs import first_tensor
 from .registry import config_from_dict, get_method
 from .report import summary
 from .savedir import save as save_state
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: training calls without a ``dm.step()`` after which a delta with a schedule is refused: its
+#: schedule would silently never run (Trainer without ``DeltaCallback``, a loop that forgot it)
+UNSTEPPED_CALLS = 64
 
 
 class DeltaModel(HFSurface, nn.Module):
@@ -41,15 +44,17 @@ class DeltaModel(HFSurface, nn.Module):
         return super().__new__(cls)
 
     def __init__(self, model: nn.Module):
-        super().__init__()
+        nn.Module.__init__(self)  # not PreTrainedModel's (a typed class may derive from it: core/hf.py)
         if isinstance(model, DeltaModel):
             raise ConfigError("the model is already a DeltaModel: call .add(name, config) on it.")
         if hosted(model):
             raise ConfigError(
-                "this model already runs the deltas of another DeltaModel (wrapped twice, e.g. a notebook "
-                "cell run again): keep using the first wrapper (dm.add(...) adds more deltas), or call "
-                "unwrap() on it first; if you no longer hold it, load the base model again.")
+                "this model already runs the deltas of another DeltaModel, active or disabled (wrapped "
+                "twice, e.g. a notebook cell run again): keep using the first wrapper (dm.add(...) adds "
+                "more deltas), or call unwrap() on it first; if you no longer hold it, load the base "
+                "model again.")
         self.model = model
+        mark(model, self)  # seen by a second wrap even while every delta here is disabled
         self.delta_modules = nn.ModuleDict()
         self._hosts: dict[str, Host] = {}
         self.context = CallContext()  # what the layers of one forward pass pass on (core/context.py)
@@ -59,6 +64,12 @@ class DeltaModel(HFSurface, nn.Module):
         self._root_hook: Any = None
         self._merged: list[str] = []
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._unstepped = 0  # training calls since wrapping, until the first step()
+        #: add the active deltas' regularization to the output's loss (set by deltatune's
+        #: Trainer callback: Trainer's loss is the model's); off for loops that add it themselves
+        self.loss_adds_regularization = False
+        # a hook, not forward code: it also sees calls of a forward replaced from outside (TRL)
+        self.register_forward_pre_hook(DeltaModel._count_training_call)
         model.requires_grad_(False)
 
     # -- the deltas ---------------------------------------------------------------------------------
@@ -131,10 +142,11 @@ class DeltaModel(HFSurface, nn.Module):
         delta.train(self.model.training)
         self.delta_modules[name] = delta
         for key, layer in delta.layers.items():
-            path = key_to_path(key)
+            path = delta.site(key)
             host = self._hosts.get(path)
             if host is None:
-                host = self._hosts[path] = Host(self.model.get_submodule(path), path, self.context)
+                host = self._hosts[path] = Host(self.model.get_submodule(path), path, self.context,
+                                                on_cast=self._follow_cast)
             host.layers[name] = layer
             layer.context = self.context
         if not self._active and not delta.combiner:
@@ -252,8 +264,13 @@ class DeltaModel(HFSurface, nn.Module):
 
     # -- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, name: str | None = None) -> None:
-        """Fold a delta (default: every active one) into the base weights."""
+    def merge(self, name: str | None = None, exact: bool = True) -> None:
+        """Fold a delta (default: every active one) into the base weights.
+
+        ``exact`` (default): keep a copy of each base tensor the merge writes, so that unmerge()
+        gives it back bit for bit in every dtype (memory: one copy of the touched weights).
+        ``exact=False`` keeps none: unmerge subtracts the delta again, off by float rounding
+        (docs/errors.md, "Merging exactly")."""
         names = [name] if name is not None else list(self._active)
         for n in names:
             self._check_name(n)
@@ -263,7 +280,7 @@ class DeltaModel(HFSurface, nn.Module):
                 raise MergeError(f"delta {n!r} runs in {self._composition!r}, which weights cannot "
                                  f"hold: activate it alone or stacked before merging.")
         for n in names:
-            self.delta_modules[n].merge(self.model)
+            self.delta_modules[n].merge(self.model, exact=exact)
             self._merged.append(n)
         self._refresh()
 
@@ -278,7 +295,7 @@ class DeltaModel(HFSurface, nn.Module):
     def unwrap(self, merge: bool = False) -> nn.Module:
         """The plain base module: with the active deltas folded in if ``merge``, else pristine."""
         if merge:
-            self.merge_all_active()
+            self.merge_all_active(exact=False)  # never unmerged: no copy to keep
         else:
             self.unmerge()
         self._active, self._composition = (), None
@@ -288,14 +305,15 @@ class DeltaModel(HFSurface, nn.Module):
         self._hosts.clear()
         self._merged.clear()
         self.delta_modules = nn.ModuleDict()
+        unmark(self.model)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
         return self.model
 
-    def merge_all_active(self) -> None:
+    def merge_all_active(self, exact: bool = True) -> None:
         todo = [n for n in self._active if n not in self._merged]
         for n in todo:
-            self.merge(n)
+            self.merge(n, exact=exact)
 
     # -- training helpers ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -312,6 +330,7 @@ class DeltaModel(HFSurface, nn.Module):
 
     def step(self, step: int) -> None:
         """Call once per optimizer step: runs the active deltas' schedules."""
+        self._unstepped = -1  # stepped: the loop drives the schedules
         for n in self._active:
             self.delta_modules[n].on_step(step)
 
@@ -328,8 +347,28 @@ class DeltaModel(HFSurface, nn.Module):
         return summary(self)
 
     # -- forwarding -----------------------------------------------------------------------------
+    def _count_training_call(self, args: tuple) -> None:
+        if self._unstepped < 0 or not (self.training and torch.is_grad_enabled()):
+            return
+        self._unstepped += 1
+        needy = [n for n in self._active if self.delta_modules[n].scheduled]
+        if self._unstepped >= UNSTEPPED_CALLS and needy:
+            raise ConfigError(
+                f"{UNSTEPPED_CALLS} training calls ran and dm.step() was never called, so the schedule of "
+                f"{needy} ({', '.join(sorted({self.delta_modules[n].config.method for n in needy}))}) never "
+                f"ran: under transformers.Trainer / TRL pass callbacks=[deltatune.DeltaCallback()]; in "
+                f"your own loop call dm.step(i) after each optimizer step.")
+
     def forward(self, *args: Any, deltas: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; ``deltas=[name per example]`` runs a mixed batch."""
+        out = self._forward(args, kwargs, deltas)
+        if self.loss_adds_regularization and self.training and getattr(out, "loss", None) is not None:
+            reg = self.regularization()
+            if isinstance(reg, torch.Tensor):
+                out["loss"] = out["loss"] + reg
+        return out
+
+    def _forward(self, args: tuple, kwargs: dict, deltas: list[str | None] | None) -> Any:
         if deltas is not None:
             t = first_tensor((args, kwargs))
             rows = t.shape[0] if t is not None and t.dim() else None
@@ -348,6 +387,23 @@ class DeltaModel(HFSurface, nn.Module):
             if name == "model":
                 raise
             return refused(name) or getattr(self.model, name)
+
+    @torch.no_grad()
+    def _follow_cast(self, old: torch.dtype, new: torch.dtype) -> None:
+        """The base was cast after wrapping (``model.half()``, ``model.to(torch.bfloat16)``): cast
+        the deltas' tensors that had the base's old dtype, as ``dm.to(new)`` would have, before any
+        of them runs. A base cast only in part is refused: no one dtype to follow."""
+        behind = [(h.path or "<model>", float_dtype(h.module)) for h in self._hosts.values()
+                  if h.dtype == old and float_dtype(h.module) not in (new, None)]
+        if behind:
+            raise ConfigError(
+                f"part of the base model was cast from {old} to {new} after wrapping, but {behind[0][0]} "
+                f"is {behind[0][1]}: cast the whole model (dm.to({new})) so that its deltas follow "
+                f"one dtype.")
+        for delta in self.delta_modules.values():
+            delta._apply(lambda t: t.to(new) if t.dtype == old else t)
+        for host in self._hosts.values():
+            host.dtype = float_dtype(host.module)
 
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)

@@ -2,7 +2,9 @@
 save replaces the old one all-or-nothing.
 
 The commit point is one manifest file: ``delta_config.json`` (one delta) or ``deltas.json``
-(several; each delta's config entry is embedded in it, its weights lie in ``<root>/<name>/``).
+(several; each delta's config entry is embedded in it, its weights lie in ``<root>/<name>/``), or
+for the Hugging Face layout (core/hfsave.py, what ``save_pretrained`` and Trainer write) the one
+``model.safetensors`` that holds every delta with the manifest in its header.
 Weights files are named by their sha256, so a save never overwrites a file that the previous
 manifest names; the new manifest is renamed into place last, and only then are the previous
 save's files removed: those its manifest names and that verify (our file name, the recorded
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from . import hfsave
 from .state import CONFIG_FILE, INDEX_FILE, _read_json, atomic_write, delta_meta
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")  # delta names (DeltaModel refuses any other)
 WEIGHTS_RE = re.compile(r"delta-[0-9a-f]{16}\.safetensors")
-TEMP_RE = re.compile(r"\.(delta_config\.json|deltas\.json|delta-[0-9a-f]{16}\.safetensors)\..+")
+TEMP_RE = re.compile(r"\.(delta_config\.json|deltas\.json|model\.safetensors|delta-[0-9a-f]{16}\.safetensors)\..+")
 
 
 def _json(path: Path) -> Any:
@@ -42,14 +45,18 @@ def _ours(data: Any) -> bool:
 
 
 def current(root: Path) -> str | None:
-    """The manifest that holds the directory's last completed save: CONFIG_FILE, INDEX_FILE or None.
-    Both present (a save killed before it removed the other): the later ``saved_at`` wins."""
-    have = [f for f in (CONFIG_FILE, INDEX_FILE) if (root / f).is_file()]
-    if len(have) < 2:
-        return have[0] if have else None
-    data = [_json(root / f) for f in have]
-    stamps = [d.get("saved_at", 0) if _ours(d) else -1 for d in data]
-    return have[1] if stamps[1] > stamps[0] else have[0]
+    """The manifest that holds the directory's last completed save: CONFIG_FILE, INDEX_FILE,
+    hfsave.WEIGHTS or None. Several present (a save killed before it removed the others): the
+    latest ``saved_at`` wins."""
+    stamps: dict[str, int] = {}
+    for f in (CONFIG_FILE, INDEX_FILE):
+        if (root / f).is_file():
+            data = _json(root / f)
+            stamps[f] = data.get("saved_at", 0) if _ours(data) else -1
+    hf = hfsave.manifest(root)
+    if hf is not None:
+        stamps[hfsave.WEIGHTS] = hf.get("saved_at", 0)
+    return max(stamps, key=lambda f: stamps[f]) if stamps else None
 
 
 def _verified(file: Path, sha256: Any) -> bool:
@@ -61,7 +68,7 @@ def _verified(file: Path, sha256: Any) -> bool:
 def owned(root: Path) -> set[Path]:
     """Files in `root` that a deltatune save wrote, as far as it can verify: the manifests that
     parse as ours, the weights they name that match their sha256, and the sub-directory configs."""
-    files: set[Path] = set()
+    files: set[Path] = {root / hfsave.WEIGHTS} if hfsave.manifest(root) is not None else set()
     single = _json(root / CONFIG_FILE)
     if _ours(single):
         files.add(root / CONFIG_FILE)
@@ -99,16 +106,28 @@ def _dump(data: dict[str, Any]) -> bytes:
 def write(dm, names: list[str], root: Path) -> None:
     """Save `names` into `root` (one: root/delta_config.json; several: root/deltas.json and
     root/<name>/), leaving exactly this save's files of all deltatune wrote there."""
-    root.mkdir(parents=True, exist_ok=True)
-    remove_temps(root, *(root / n for n in names))
-    before = owned(root)
-    if len(names) == 1:
+    def commit() -> set[Path]:
+        if len(names) > 1:
+            return _write_several(dm, names, root)
         meta, blob = delta_meta(dm, names[0])
         atomic_write(root / meta["weights"], blob)
         atomic_write(root / CONFIG_FILE, _dump(meta))  # the commit
-        keep = {root / meta["weights"], root / CONFIG_FILE}
-    else:
-        keep = _write_several(dm, names, root)
+        return {root / meta["weights"], root / CONFIG_FILE}
+    _replace(root, names, commit)
+
+
+def write_hf(dm, names: list[str], root: Path) -> None:
+    """Save `names` in the Hugging Face layout: one root/model.safetensors (core/hfsave.py)."""
+    _replace(root, [], lambda: {hfsave.write_file(dm, names, root)})
+
+
+def _replace(root: Path, names: list[str], commit: Callable[[], set[Path]]) -> None:
+    """Run `commit` (it writes the new save, returns its files), then remove the previous save's
+    files that it no longer needs: only those a deltatune save wrote and that verify."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_temps(root, *(root / n for n in names))
+    before = owned(root)
+    keep = commit()
     for f in sorted(before - keep):
         f.unlink(missing_ok=True)
     for d in {f.parent for f in before - keep} - {root}:
@@ -141,7 +160,7 @@ class Saver:
     write: Callable[[Any, list[str], Path], None]
 
 
-SAVERS: dict[str, Saver] = {"deltatune": Saver(write)}  # other formats register theirs (interop/)
+SAVERS: dict[str, Saver] = {"deltatune": Saver(write), "hf": Saver(write_hf)}  # other formats register theirs (interop/)
 
 
 def save(dm, path: str | os.PathLike, name: str | None = None, format: str = "deltatune") -> None:

@@ -149,8 +149,34 @@ def read_tensors(root: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is not a valid safetensors file ({e}).") from e
 
 
+def _fingerprint_problem(base: Any) -> str | None:
+    """What is wrong with the shape of a saved fingerprint ({"class", "model_type", "modules":
+    {path: {tensor: [int, ...]}}}), or None; checked before any entry of it is read."""
+    if not isinstance(base, dict):
+        return f"it is a {type(base).__name__}, not an object"
+    if not isinstance(base.get("model_type"), (str, type(None))):
+        return f"'model_type' is {base.get('model_type')!r}, not a name"
+    modules = base.get("modules", {})
+    if not isinstance(modules, dict):
+        return f"'modules' is a {type(modules).__name__}, not an object of module paths"
+    for path, shapes in modules.items():
+        if not isinstance(shapes, dict):
+            return f"module {path!r} maps to {shapes!r}, not to its tensors' shapes"
+        for n, shape in shapes.items():
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                return f"{path}.{n} has shape {shape!r}, not a list of sizes"
+    return None
+
+
 def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path) -> None:
     base = meta["base"]
+    problem = _fingerprint_problem(base)
+    if problem is not None:
+        raise CheckpointError(
+            f"{root / CONFIG_FILE}: its 'base' entry (the fingerprint of the model it was trained on) is "
+            f"malformed: {problem}. The file is corrupt or was edited: restore it from a copy, or save "
+            f"the delta again from the model that holds it.")
     mtype = model_type(model)
     if base.get("model_type") != mtype:
         raise CheckpointError(

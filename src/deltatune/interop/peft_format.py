@@ -23,7 +23,7 @@ from ..core.registry import config_from_dict
 from ..core.savedir import SAVERS, Saver
 from ..core.state import LOADERS
 from ..errors import CheckpointError
-from .peft_files import CONFIG_FILE, detect, read_config, read_weights, write_adapter
+from .peft_files import CONFIG_FILE, detect, finish, read_config, read_weights, write_adapters
 from .peft_keys import check_unmerged, our_item, peft_tensors
 from .peft_registry import mapping_for_method, mapping_for_type
 from .peft_schema import PeftFields, PeftMapping, task_type
@@ -31,6 +31,11 @@ from .peft_schema import PeftFields, PeftMapping, task_type
 
 def load_peft(model: nn.Module, root: Path, name: str | None = None):
     """Load the peft adapter in `root` as a delta named `name` ("default"), active."""
+    for where in (root, root.parent):  # a save killed after its commit: finish it (root: one of several)
+        try:
+            finish(where)
+        except OSError:
+            pass  # a read-only directory: what its fixed names hold
     data = read_config(root)
     mapping = mapping_for_type(data["peft_type"], root)
     dm = as_delta_model(model)
@@ -55,12 +60,12 @@ def load_peft(model: nn.Module, root: Path, name: str | None = None):
     return dm
 
 
-def save_one(dm, name: str, root: Path) -> None:
-    """Write delta `name` as a peft adapter directory `root`."""
+def adapter_files(dm, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Delta `name` as a peft adapter: its adapter_config.json entries and its tensors."""
     delta = dm.get_delta(name)
     mapping = mapping_for_method(delta.config.method)
     check_unmerged(dm, mapping)
-    write_adapter(root, adapter_config(delta, mapping, dm.model), peft_tensors(delta, mapping, dm.model))
+    return adapter_config(delta, mapping, dm.model), peft_tensors(delta, mapping, dm.model)
 
 
 def adapter_config(delta: Delta, mapping: PeftMapping, model: nn.Module) -> dict[str, Any]:
@@ -110,9 +115,13 @@ def place(root: Path, name: str) -> Path:
 
 LOADERS.append((detect, load_peft))
 def write(dm, names: list[str], root: Path) -> None:
-    """peft's layout: one adapter in `root`; several: "default" in `root`, the others in subdirectories."""
+    """peft's layout: one adapter in `root`; several: "default" in `root`, the others in
+    subdirectories; all of them in one all-or-nothing save (peft_files.write_adapters)."""
+    adapters = {}
     for n in names:
-        save_one(dm, n, root if len(names) == 1 else place(root, n))
+        where = root if len(names) == 1 else place(root, n)
+        adapters["" if where == root else where.name] = adapter_files(dm, n)
+    write_adapters(root, adapters)
 
 
 SAVERS["peft"] = Saver(write)

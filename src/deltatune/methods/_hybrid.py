@@ -20,6 +20,8 @@ import torch.nn as nn
 from ..core.layer import DeltaLayer, first_input
 from ..errors import TargetError
 from ._sublayers import SublayerConfig, find_sites
+from ._soft import CACHE_KEYS
+from .prefix import scale_prefix
 
 GATE_STD = 0.02
 
@@ -60,13 +62,18 @@ class PrefixGate(DeltaLayer):
         self.index = index
 
     def forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # a read-only prefix cache comes in the call itself (also when gradient checkpointing
+        # replays the layer, after the call context is gone); a generation cache is this call's
+        # only if the prefix layer filled it just now (not on a continued generation step)
+        cache = next((v for v in map(kwargs.get, CACHE_KEYS) if hasattr(v, "scale_prefix")), None)
         filled = self.call_context().get(self.key)
-        if filled is None:  # no prefix filled by this call (a continued generation step)
+        cache = cache if cache is not None else (filled[0] if filled is not None else None)
+        if cache is None:
             return args, kwargs
-        layer = filled[0].layers[getattr(module, "layer_idx", self.index)]
+        idx = getattr(module, "layer_idx", self.index)
         h = kwargs.get("hidden_states", first_input(args, kwargs))
-        g = self.gate(h).reshape(-1, 1, 1, 1).to(layer.keys.dtype)
-        layer.keys, layer.values = layer.keys * g, layer.values * g
+        g = self.gate(h).reshape(-1, 1, 1, 1).to(cache.layers[idx].keys.dtype)
+        scale_prefix(cache, idx, g)
         return args, kwargs
 
 

@@ -44,12 +44,12 @@ def check_soft_config(cfg: DeltaConfig) -> None:
 
 # -- call plumbing -------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
-def _signature(cls: type) -> inspect.Signature:
+def signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
 def accepts(module: nn.Module, name: str) -> bool:
-    params = _signature(type(module)).parameters
+    params = signature(type(module)).parameters
     return name in params
 
 
@@ -57,7 +57,7 @@ def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """All call arguments by name, so that hooks can read and replace them."""
     if not args:
         return dict(kwargs)
-    params = [p for p in _signature(type(module)).parameters.values() if p.name != "self"]
+    params = [p for p in signature(type(module)).parameters.values() if p.name != "self"]
     named = dict(kwargs)
     for p, value in zip(params, args):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -113,12 +113,38 @@ def ones_mask(mask: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return insert_cols(mask, k, torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device))
 
 
+def packed_starts(kw: dict[str, Any], what: str) -> list[int] | None:
+    """Where each example of a packed row starts (no attention mask; 2-D position ids that do not
+    go up by one there, as transformers finds packed sequences), or None for an ordinary batch."""
+    pos = kw.get("position_ids")
+    if kw.get("attention_mask") is not None or not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+        return None
+    new = torch.diff(pos, dim=1) != 1
+    if not bool(new.any()):
+        return None
+    if pos.shape[0] != 1:
+        raise ConfigError(f"{what} in packed rows need one packed row per batch (padding-free "
+                          f"packing), got {pos.shape[0]} rows with restarting position ids and no "
+                          f"attention mask: pack into one row, or pass an attention mask.")
+    return [0] + (new[0].nonzero().squeeze(1) + 1).tolist()
+
+
 # -- where the model's inputs enter -----------------------------------------------------------------
 def module_path(model: nn.Module, target: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is target:
             return name
     raise TargetError(f"module {type(target).__name__} is not part of {type(model).__name__}.")
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """Where a model-level soft layer runs: the base model inside a task model, which every caller
+    passes through (the task model's own forward, and trainers that call the backbone directly:
+    TRL's fused LM head runs ``model.base_model``), else the model itself."""
+    inner = getattr(model, "base_model", None)
+    if isinstance(inner, nn.Module) and inner is not model and any(m is inner for m in model.modules()):
+        return inner
+    return model
 
 
 def input_embedding(model: nn.Module, host: nn.Module | None = None) -> tuple[str, nn.Embedding]:
@@ -260,6 +286,9 @@ class FoldableDelta(Delta):
 
     def extra_state(self) -> dict[str, Any]:
         return {"folded": self.folded or not self.config.save_reparam}
+
+    def state_extra(self) -> dict[str, Any]:
+        return {"folded": self.folded}  # state_dict() keeps the reparameterization until fold()
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("folded"):

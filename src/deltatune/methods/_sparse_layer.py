@@ -29,6 +29,7 @@ class SparseDiffLayer(DeltaLayer):
     """
 
     mergeable = True
+    exact_unmerge = True  # merge stashes the entries it changes (dense form: the whole tensor)
     #: ParameterDicts of the dense form, emptied by to_sparse. The first holds the difference
     #: itself (made like the base parameter): the sparse values take its dtype and device.
     dense_attrs: tuple[str, ...] = ()

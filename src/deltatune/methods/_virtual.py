@@ -2,7 +2,9 @@
 
 How they get in, so that every model-side use of ``input_ids`` keeps working (GPT-2/Llama
 classifiers find the last real token by its id, RoBERTa numbers positions from ids):
-- the *input layer* (on the model, or on the encoder stack of an encoder-decoder) inserts n
+- the *input layer* (on the model's backbone, e.g. ``bert`` / ``model`` inside a task model, which
+  every caller passes through, trainers calling the backbone directly included; or on the
+  encoder stack of an encoder-decoder) inserts n
   virtual ids ``vocab_size + i`` into ``input_ids`` at ``insert_at`` (after [CLS] on BERT-style
   encoders, else at the front), and extends ``attention_mask`` (ones), ``token_type_ids``,
   ``position_ids`` (given ones: the inserted tokens take the next positions), ``labels`` (-100)
@@ -11,12 +13,18 @@ classifiers find the last real token by its id, RoBERTa numbers positions from i
   (the base table is never read out of range);
 - on an encoder-decoder, a *cross-mask layer* on the decoder extends the encoder attention mask
   that the model hands to cross-attention (generate() runs the encoder on its own).
-Outputs of the model call (logits, last_hidden_state, hidden_states, QA logits) are cut back to
-the caller's length, so they line up with the caller's tokens and labels.
+Outputs of the backbone (last_hidden_state, hidden_states) are cut back to the caller's length,
+so the task head sees, and its logits and loss line up with, the caller's tokens and labels
+(a causal LM's loss is the base's: the first real token is not scored from the prompt).
 
 Generation with a KV cache: a call that finds a non-empty cache continues a sequence whose prompt
 is already in the cache, so only the attention mask (n more ones) and given position ids (+n)
 change. Virtual tokens count towards the model's position limit; too long inputs get a clear error.
+
+Packed rows (padding-free packing, e.g. TRL's ``packing=True``: one row of several examples, no
+attention mask, position ids restarting at 0 for each): every example gets its own n virtual
+tokens, as if it ran alone; the flash-attention lengths (``cu_seq_lens_*``, ``max_length_*``) and
+``seq_idx`` follow, and the outputs are cut back to the examples' own tokens.
 """
 from __future__ import annotations
 
@@ -62,8 +70,11 @@ class VirtualTokens(soft.Foldable):
         if x is None:
             return args, kwargs
         past = soft.past_length(soft.get_cache(kw))
+        starts = soft.packed_starts(kw, "virtual tokens") if past == 0 else None
         if past > 0:
             self._continue(kw, past, x.shape[1])
+        elif starts is not None:
+            self._insert_packed(kw, starts, x.shape[1])
         else:
             self._insert(kw, x.shape[0], x.shape[1])
         return (), kw
@@ -95,7 +106,49 @@ class VirtualTokens(soft.Foldable):
             emb = kw["inputs_embeds"]
             kw["inputs_embeds"] = soft.insert_cols(emb, k, soft.expand_batch(self.virtual_embeddings(), batch))
         self._extend_per_token(kw, batch, length, k)
-        self.call_context().put(f"{self.key}:slot", (k, length + n))
+        self.call_context().put(f"{self.key}:slot", (k, length + n, None))
+
+    def _insert_packed(self, kw: dict[str, Any], starts: list[int], length: int) -> None:
+        """n virtual tokens into each example of a packed row (at ``insert_at`` within it)."""
+        n, bounds = self.n, list(zip(starts, starts[1:] + [length]))
+        if self.limit is not None and max(e - s for s, e in bounds) + n > self.limit:
+            raise ConfigError(f"a packed example + {n} virtual tokens exceeds the model's {self.limit} "
+                              f"positions: pack shorter examples (max_length) or use fewer virtual tokens.")
+        cuts = [s + min(self.insert_at, e - s) for s, e in bounds]  # where each example's tokens go
+
+        def spread(t: torch.Tensor, block: Any) -> torch.Tensor:  # block(j, t) -> (1, n, ...) for example j
+            pieces, at = [], 0
+            for j, c in enumerate(cuts):
+                pieces += [t[:, at:c], block(j, t)]
+                at = c
+            return torch.cat(pieces + [t[:, at:]], dim=1)
+
+        ids = kw.get("input_ids")
+        if ids is not None:
+            virtual = (torch.arange(n, device=ids.device) + self.vocab_size)[None]
+            kw["input_ids"] = spread(ids, lambda j, t: virtual)
+            self.call_context().put(f"{self.key}:table", self.virtual_embeddings())
+        else:
+            emb = self.virtual_embeddings()[None]
+            kw["inputs_embeds"] = spread(kw["inputs_embeds"], lambda j, t: emb.to(t.dtype))
+        pos = kw["position_ids"]
+        first = [pos[:, c - 1:c] + 1 if c > s else pos[:, s:s + 1] for (s, _), c in zip(bounds, cuts)]
+        shifted = torch.cat([pos[:, s:e] + n * (torch.arange(s, e, device=pos.device) >= c)
+                             for (s, e), c in zip(bounds, cuts)], dim=1)
+        kw["position_ids"] = spread(shifted, lambda j, t: first[j] + torch.arange(n, device=pos.device))
+        for name in ("token_type_ids", "seq_idx"):
+            if isinstance(kw.get(name), torch.Tensor):
+                kw[name] = spread(kw[name], lambda j, t: t[:, max(cuts[j] - 1, bounds[j][0])][:, None].expand(-1, n))
+        for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            if isinstance(kw.get(name), torch.Tensor):
+                kw[name] = kw[name] + n * torch.arange(kw[name].shape[-1], device=kw[name].device)
+        for name in ("max_length_q", "max_length_k"):
+            if kw.get(name) is not None:
+                kw[name] = kw[name] + n
+        keep = torch.ones(length + n * len(cuts), dtype=torch.bool)
+        for j, c in enumerate(cuts):
+            keep[c + j * n:c + (j + 1) * n] = False
+        self.call_context().put(f"{self.key}:slot", (0, length + n * len(cuts), keep.nonzero().squeeze(1)))
 
     def _extend_per_token(self, kw: dict[str, Any], batch: int, length: int, k: int) -> None:
         n = self.n
@@ -124,24 +177,28 @@ class VirtualTokens(soft.Foldable):
         slot = self.call_context().pop(f"{self.key}:slot")
         if slot is None or not self.strip_outputs or not isinstance(out, dict):
             return out
-        k, total = slot
+        k, total, keep = slot
         for name in SEQ_OUTPUTS:
             v = out.get(name)
             if isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[1] == total:
-                out[name] = self._cut(v, k)
+                out[name] = self._cut(v, k, keep)
         for name in SPAN_OUTPUTS:
             v = out.get(name)
             if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == total:
-                out[name] = self._cut(v, k)
+                out[name] = self._cut(v, k, keep)
         hs = out.get("hidden_states")
         if isinstance(hs, tuple):
             out["hidden_states"] = tuple(
-                self._cut(h, k) if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[1] == total
+                self._cut(h, k, keep) if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[1] == total
                 else h for h in hs)
         return out
 
-    def _cut(self, t: torch.Tensor, k: int) -> torch.Tensor:
+    def _cut(self, t: torch.Tensor, k: int, keep: torch.Tensor | None) -> torch.Tensor:
+        """`t` without the virtual tokens' columns (at k, or all but `keep` in a packed row)."""
+        if keep is not None:
+            return t.index_select(1, keep.to(t.device))
         return torch.cat([t[:, :k], t[:, k + self.n:]], dim=1)
+
 
 
 class VirtualEmbedding(DeltaLayer):
@@ -204,8 +261,10 @@ def attach(delta: Delta, model: nn.Module, make: soft.Maker) -> VirtualTokens:
         host_path = soft.module_path(model, encoder)
         layer = make(encoder, key)
         delta.add_layer(soft.module_path(model, decoder), CrossMask(layer.n, layer.insert_at))
-    else:
-        encoder, host_path, layer = None, "", make(model, key)
-    delta.add_layer(host_path, layer)
+        delta.add_layer(host_path, layer)
+    else:  # named as the model's, run on its backbone (whoever calls it)
+        encoder, inner = None, soft.backbone(model)
+        layer = make(inner, key)
+        delta.add_layer("", layer, site=soft.module_path(model, inner))
     delta.add_layer(soft.input_embedding(model, encoder)[0], VirtualEmbedding(key))
     return layer

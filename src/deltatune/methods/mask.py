@@ -71,6 +71,7 @@ class MaskLayer(DeltaLayer):
     """Binary masks over some direct parameters of one module: scores while training, bits after."""
 
     mergeable = True
+    exact_unmerge = True  # merge stashes the entries it zeroes
 
     def __init__(self, module: nn.Module, names: list[str], cfg: MaskConfig):
         super().__init__()

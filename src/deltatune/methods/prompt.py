@@ -45,7 +45,7 @@ class PromptLayer(VirtualTokens):
     folded_name = "prompt"
 
     def __init__(self, model: nn.Module, host: nn.Module, cfg: PromptConfig, start: torch.Tensor, key: str):
-        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=host is model,
+        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=not soft.is_encoder_decoder(model),
                          key=key)
         self.prompt = nn.Parameter(start)
 

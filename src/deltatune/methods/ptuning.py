@@ -67,7 +67,7 @@ class PTuningLayer(VirtualTokens):
     folded_name = "prompt"
 
     def __init__(self, model: nn.Module, host: nn.Module, cfg: PTuningConfig, start: torch.Tensor, key: str):
-        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=host is model,
+        super().__init__(model, host, cfg.num_virtual_tokens, cfg.insert_at, strip_outputs=not soft.is_encoder_decoder(model),
                          key=key)
         dim = start.shape[1]
         self.prompt_input = nn.Parameter(start)

@@ -146,17 +146,17 @@ class UniPELTDelta(soft.FoldableDelta):
                               f"enter as a filled KV cache, and its encoder reads none): drop it with "
                               f"components=['lora', 'adapter'].")
         prefix = PrefixLayer(model, self.config.prefix_config(), f"{self.name}:prefix")
-        self._add_unique("", prefix)
+        self._add_unique("", prefix, site=soft.module_path(model, soft.backbone(model)))
         if self.config.gates:
             dim = soft.input_embedding(model)[1].embedding_dim
             dim = getattr(getattr(model, "config", None), "hidden_size", dim)
             gate_prefix(self._add_unique, prefix.key, model, self.config.layers, self.config.method, dim,
                         site_dtype(model, ""))
 
-    def _add_unique(self, path: str, layer: DeltaLayer) -> None:
-        self.add_layer(path, layer, f"UniPELT would put two of its pieces on {path or '<model>'!r}: narrow "
-                                    f"`targets` (LoRA's modules) so that they avoid the attention and "
-                                    f"feed-forward blocks.")
+    def _add_unique(self, path: str, layer: DeltaLayer, site: str | None = None) -> None:
+        self.add_layer(path, layer, site=site,
+                       clash=f"UniPELT would put two of its pieces on {path or '<model>'!r}: narrow `targets` "
+                             f"(LoRA's modules) so that they avoid the attention and feed-forward blocks.")
 
 
 register("unipelt", UniPELTConfig, UniPELTDelta, family="hybrid", lr=1e-3,

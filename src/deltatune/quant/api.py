@@ -132,7 +132,7 @@ def merge_quantized(dm, name: str | None = None, requantize: bool = True) -> Mer
     dequantize(dm.model, paths)
     try:
         for n in names:
-            dm.merge(n)
+            dm.merge(n, exact=not requantize)  # requantized: never unmerged, so keep no copy
     except Exception:
         _requantize(dm.model, saved)
         raise

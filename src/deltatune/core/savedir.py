@@ -113,19 +113,20 @@ def write(dm, names: list[str], root: Path) -> None:
         atomic_write(root / meta["weights"], blob)
         atomic_write(root / CONFIG_FILE, _dump(meta))  # the commit
         return {root / meta["weights"], root / CONFIG_FILE}
-    _replace(root, names, commit)
+    _replace(root, commit)
 
 
 def write_hf(dm, names: list[str], root: Path) -> None:
     """Save `names` in the Hugging Face layout: one root/model.safetensors (core/hfsave.py)."""
-    _replace(root, [], lambda: {hfsave.write_file(dm, names, root)})
+    _replace(root, lambda: {hfsave.write_file(dm, names, root)})
 
 
-def _replace(root: Path, names: list[str], commit: Callable[[], set[Path]]) -> None:
+def _replace(root: Path, commit: Callable[[], set[Path]]) -> None:
     """Run `commit` (it writes the new save, returns its files), then remove the previous save's
     files that it no longer needs: only those a deltatune save wrote and that verify."""
     root.mkdir(parents=True, exist_ok=True)
-    remove_temps(root, *(root / n for n in names))
+    # temporary files a kill left: in root and in any delta sub-directory (an older save's too)
+    remove_temps(root, *(d for d in root.iterdir() if d.is_dir() and _NAME_RE.fullmatch(d.name)))
     before = owned(root)
     keep = commit()
     for f in sorted(before - keep):

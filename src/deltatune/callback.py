@@ -20,7 +20,7 @@ from .errors import ConfigError
 class DeltaCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         dm = _delta_model(model)
-        needs = [n for n in dm.active if type(dm.get_delta(n)).regularization is not _base_regularization()]
+        needs = [n for n in dm.active if dm.get_delta(n).regularized]
         if needs and "forward" in vars(dm):
             raise ConfigError(
                 f"this trainer replaced the model's forward (TRL's fused LM head computes its own loss), "
@@ -39,12 +39,6 @@ class DeltaCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         _delta_model(model).loss_adds_regularization = False
-
-
-def _base_regularization() -> Any:
-    from .core.delta import Delta
-
-    return Delta.regularization
 
 
 def _delta_model(model: Any) -> Any:

@@ -148,6 +148,11 @@ class Delta(nn.Module):
         overrides it: a budget schedule, a switch of tensors)."""
         return type(self).on_step is not Delta.on_step
 
+    @property
+    def regularized(self) -> bool:
+        """Whether this delta adds a loss term (``regularization``) to training."""
+        return type(self).regularization is not Delta.regularization
+
     def regularization(self) -> torch.Tensor | None:
         """An extra loss term (orthogonality, L0 penalty, ...); None when the method has none."""
         return None

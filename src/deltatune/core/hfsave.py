@@ -26,8 +26,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import CheckpointError, ConfigError
 from ..version import FORMAT_VERSION, __version__
-from .registry import config_from_dict
-from .state import atomic_write, check_fingerprint, fingerprint
+from .state import add_saved, atomic_write, fingerprint
 
 WEIGHTS = "model.safetensors"  # the name Trainer resumes and loads the best model from
 META_KEY = "deltatune"          # the safetensors metadata entry holding the manifest
@@ -101,16 +100,10 @@ def load(dm, root: Path, name: str | None) -> tuple[dict[str, Any], list[str]]:
 def _load_delta(dm, root: Path, name: str, entry: Any, tensors: dict[str, torch.Tensor]) -> None:
     if not isinstance(entry, dict) or not {"config", "base"} <= set(entry):
         raise CheckpointError(f"{root / WEIGHTS}: the manifest lacks delta {name!r}'s entry; the file is corrupt.")
-    check_fingerprint(dm.model, entry, root)
-    try:
-        config = config_from_dict(entry["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{root / WEIGHTS}: delta {name!r}'s method config is invalid: {e}") from e
-    delta = dm.add(name, config)
-    try:
-        delta.load_extra_state(entry.get("extra_state") or {})
-        start = f"{PREFIX}.{name}."
-        own = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+    start = f"{PREFIX}.{name}."
+    own = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+
+    def load_tensors(delta) -> None:  # the training state as it was: the delta's own state_dict()
         want = delta.state_dict()
         missing, extra = sorted(set(want) - set(own)), sorted(set(own) - set(want))
         bad = [k for k in want if k in own and own[k].shape != want[k].shape]
@@ -119,7 +112,6 @@ def _load_delta(dm, root: Path, name: str, entry: Any, tensors: dict[str, torch.
                                   f"{missing[:3]}, unexpected {extra[:3]}, other shapes {bad[:3]}): load "
                                   f"it into the base model (and config) it was trained on.")
         delta.load_state_dict(own)
-    except Exception:
-        dm.remove(name)
-        raise
+
+    add_saved(dm, root, root / WEIGHTS, name, entry, load_tensors)
 

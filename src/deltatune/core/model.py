@@ -351,8 +351,10 @@ class DeltaModel(HFSurface, nn.Module):
         if self._unstepped < 0 or not (self.training and torch.is_grad_enabled()):
             return
         self._unstepped += 1
+        if self._unstepped < UNSTEPPED_CALLS:
+            return
         needy = [n for n in self._active if self.delta_modules[n].scheduled]
-        if self._unstepped >= UNSTEPPED_CALLS and needy:
+        if needy:
             raise ConfigError(
                 f"{UNSTEPPED_CALLS} training calls ran and dm.step() was never called, so the schedule of "
                 f"{needy} ({', '.join(sorted({self.delta_modules[n].config.method for n in needy}))}) never "

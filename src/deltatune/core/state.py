@@ -169,12 +169,13 @@ def _fingerprint_problem(base: Any) -> str | None:
     return None
 
 
-def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path) -> None:
+def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path, file: Path | None = None) -> None:
+    """`file`: the file that holds `meta` (default: root/delta_config.json), for the messages."""
     base = meta["base"]
     problem = _fingerprint_problem(base)
     if problem is not None:
         raise CheckpointError(
-            f"{root / CONFIG_FILE}: its 'base' entry (the fingerprint of the model it was trained on) is "
+            f"{file or root / CONFIG_FILE}: its 'base' entry (the fingerprint of the model it was trained on) is "
             f"malformed: {problem}. The file is corrupt or was edited: restore it from a copy, or save "
             f"the delta again from the model that holds it.")
     mtype = model_type(model)
@@ -203,19 +204,26 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], root: Path) -> Non
 def load_one(dm, root: Path, name: str | None, activate: bool = True, meta: Any = None) -> None:
     """Add the delta saved in `root` (its config entry `meta` when the caller read it already)."""
     meta = read_meta(root, meta)
-    check_fingerprint(dm.model, meta, root)
+    delta = add_saved(dm, root, root / CONFIG_FILE, name or meta["name"], meta,
+                      lambda delta: delta.load_delta_state_dict(read_tensors(root, meta)))
+    if activate and not delta.combiner:  # a fusion runs only inside activate(..., fusion=name)
+        dm.activate(name or meta["name"])
+
+
+def add_saved(dm, root: Path, file: Path, name: str, entry: dict[str, Any], load_tensors: Any):
+    """Add the delta a save's `entry` describes (in `file`) as `name`: the fingerprint checked, its
+    config built, its extra state restored, then ``load_tensors(delta)``; removed again if any
+    step fails, so a failed load leaves the model as it was."""
+    check_fingerprint(dm.model, entry, root, file)
     try:
-        config = config_from_dict(meta["config"])
+        config = config_from_dict(entry["config"])
     except ConfigError as e:
-        raise CheckpointError(f"{root / CONFIG_FILE}: its method config is invalid: {e}") from e
-    tensors = read_tensors(root, meta)
-    name = name or meta["name"]
+        raise CheckpointError(f"{file}: its method config is invalid: {e}") from e
     delta = dm.add(name, config)
     try:
-        delta.load_extra_state(meta.get("extra_state") or {})
-        delta.load_delta_state_dict(tensors)
+        delta.load_extra_state(entry.get("extra_state") or {})
+        load_tensors(delta)
     except Exception:
         dm.remove(name)
         raise
-    if activate and not delta.combiner:  # a fusion runs only inside activate(..., fusion=name)
-        dm.activate(name)
+    return delta

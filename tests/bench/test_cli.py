@@ -50,7 +50,7 @@ def test_bench_in_process_resumes_and_lists(tmp_path, capsys, one_thread):
     for name in ("quick", "paper", "combos", "nlg"):  # every suite with its budget
         assert f"suite  {name}" in listing
     assert listing.count("       budget ") == 4 and "this run:" in listing
-    assert "budget 150 steps x batch 16" in listing  # the quick suite's, the default
+    assert "budget 140 steps x batch 16" in listing  # the quick suite's, the default
 
 
 def resolved(*argv):

@@ -91,3 +91,33 @@ def test_unmeasured_claims_and_the_markdown():
     md = report.summary_markdown(records, methods, [("SST-2", "accuracy")])
     assert "## Findings" in md and "**supports**" in md and "## Paired differences" in md
     assert "| `lora` | **-4.7 [-6.1, -3.2]** | – |" in md  # lora - full, separated: bold
+
+
+def test_step_times_measured_on_a_shared_machine_are_marked():
+    quiet = [record(m, s) for m in ("full", "lora") for s in (0, 1, 2)]
+    md = report.summary_markdown(quiet, ["full", "lora"], [("SST-2", "accuracy")])
+    assert "‡" not in md
+    busy = [dict(r, efficiency={**r["efficiency"], "other_cpu": 0.9 if r["method"] == "lora" and r["seed"] == 1 else 0.1})
+            for r in quiet]
+    md = report.summary_markdown(busy, ["full", "lora"], [("SST-2", "accuracy")])
+    eff = md.split("## Efficiency")[1].split("## Convergence")[0]
+    lora = next(line for line in eff.splitlines() if line.startswith("| `lora`"))
+    full = next(line for line in eff.splitlines() if line.startswith("| `full`"))
+    assert "| 100‡ |" in lora and "‡" not in full
+    assert "other processes kept 0.25+ CPU cores busy (1 of 6 runs, up to 0.9 cores)" in md
+
+
+def test_peak_memory_counts_the_cores_other_processes_keep_busy(monkeypatch):
+    """others = (machine busy seconds - this process's CPU seconds) / wall seconds."""
+    import torch
+
+    from deltatune.bench import measure
+
+    clock = iter([(100.0, 50.0, 10.0), (104.0, 59.0, 13.0)])  # 4 s: machine +9 CPU s, we +3
+    monkeypatch.setattr(measure, "_busy_seconds", lambda: next(clock))
+    with measure.PeakMemory(torch.device("cpu")) as m:
+        pass
+    assert m.others == 1.5
+    monkeypatch.undo()
+    (_, busy0, mine0), (_, busy1, mine1) = measure._busy_seconds(), measure._busy_seconds()
+    assert 0 <= mine0 <= busy1 and busy0 <= busy1 and mine0 <= mine1  # the real counters, monotone

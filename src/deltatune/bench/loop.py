@@ -320,6 +320,7 @@ class TrainingRun:
             "step_time_mean": seconds / len(times) if times else None,
             "throughput": examples / seconds if seconds else None,
             "peak_mem_mb": mem.peak_mb, "mem_start_mb": mem.start_mb, "mem_kind": mem.kind,
+            "other_cpu": mem.others,
             "comm_bytes_per_step": self.comm.per_step() if self.comm is not None else 0,
             "model": self.model,
         }

@@ -4,6 +4,10 @@ CPU: the process's resident set size (RSS), sampled by a background thread (the 
 per-interval peak); freed heap is handed back to the OS first (glibc ``malloc_trim``, after the
 runner's ``accelerator.free_memory()`` collected garbage) so that a previous run's memory does not
 hide this one's growth. CUDA: the allocator's own peak counter.
+
+Step times are only as good as the machine was quiet: ``others`` is the number of CPU cores that
+other processes kept busy, on average, over the block (the machine's busy time minus this
+process's), so a summary can mark times measured on a shared machine instead of passing them off.
 """
 from __future__ import annotations
 
@@ -32,18 +36,30 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _busy_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds the whole machine was busy, CPU seconds of this process)."""
+    import time
+
+    import psutil
+
+    m, me = psutil.cpu_times(), psutil.Process().cpu_times()
+    return time.monotonic(), sum(m) - m.idle - getattr(m, "iowait", 0.0), me.user + me.system
+
+
 class PeakMemory:
-    """Context manager: ``start_mb`` when entered, ``peak_mb`` over the block, ``kind``."""
+    """Context manager: ``start_mb`` when entered, ``peak_mb`` over the block, ``kind``, and
+    ``others`` (cores other processes kept busy meanwhile, on average)."""
 
     def __init__(self, device: torch.device, interval: float = 0.01):
         self.device, self.interval = device, interval
         self.kind = "cuda_allocated" if device.type == "cuda" else "cpu_rss"
-        self.start_mb = self.peak_mb = 0.0
+        self.start_mb = self.peak_mb = self.others = 0.0
         self._stop = threading.Event()
         self._peak = 0
 
     def __enter__(self) -> PeakMemory:
         _trim()
+        self._busy = _busy_seconds()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -67,6 +83,8 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mb = max(self._peak, _rss()) / MB
+        (t0, all0, me0), (t1, all1, me1) = self._busy, _busy_seconds()
+        self.others = max(0.0, ((all1 - all0) - (me1 - me0)) / max(t1 - t0, 1e-9))
 
 
 def cpu_name() -> str:

@@ -95,6 +95,9 @@ def _avg(rs: list[dict[str, Any]], key: str) -> float | None:
 
 
 # -- the Markdown summary -------------------------------------------------------------------------
+SHARED, BUSY_CORES = "‡", 0.25  # a run during which other processes kept a quarter core busy or more
+
+
 def efficiency_table(methods: list[str], groups) -> list[str]:
     head = ["Method", "Trainable params", "Step time (ms)", "Throughput (ex/s)", "Peak memory (MB)",
             "Memory over start (MB)", "Delta on disk"]
@@ -106,7 +109,8 @@ def efficiency_table(methods: list[str], groups) -> list[str]:
         eff = rs[0]["efficiency"]
         step, thr, peak = _avg(rs, "step_time_median"), _avg(rs, "throughput"), _avg(rs, "peak_mem_mb")
         over = statistics.fmean([r["efficiency"]["peak_mem_mb"] - r["efficiency"]["mem_start_mb"] for r in rs])
-        lines.append(f"| `{method}` | {eff['trainable']:,} | {1000 * step:.0f} | {thr:.1f} | {peak:.0f} | "
+        shared = SHARED if any(r["efficiency"].get("other_cpu", 0.0) >= BUSY_CORES for r in rs) else ""
+        lines.append(f"| `{method}` | {eff['trainable']:,} | {1000 * step:.0f}{shared} | {thr:.1f} | {peak:.0f} | "
                      f"{over:.0f} | {_size(eff['delta_bytes'])} |")
     return lines
 
@@ -163,7 +167,7 @@ def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: l
         lines += ["", "## Paired differences (dev, x100; bold: the 95% interval excludes 0)", ""] + diff
         lines += [""] + [f"- unpaired: {r}" for r in unpaired] if unpaired else []
     lines += ["", "## Efficiency (mean over tasks and seeds)", ""] + efficiency_table(methods, groups)
-    lines += ["", "Peak memory: " + _mem_note(ok), ""]
+    lines += ["", "Peak memory: " + _mem_note(ok) + _shared_note(ok), ""]
     lines += [f"## Convergence (best dev score; steps and training seconds to {compare.FRACTION:.0%} of "
               f"full fine-tuning's final score, over the seeds that reached it)", ""]
     lines += tables.convergence_table(c, methods, names)
@@ -193,6 +197,16 @@ def _machine(r: dict[str, Any]) -> str:
     from .measure import machine_line
 
     return machine_line(r.get("environment", {}))
+
+
+def _shared_note(ok: list[dict[str, Any]]) -> str:
+    busy = [r for r in ok if r["efficiency"].get("other_cpu", 0.0) >= BUSY_CORES]
+    if not busy:
+        return ""
+    worst = max(r["efficiency"]["other_cpu"] for r in busy)
+    return (f" {SHARED}: step time measured while other processes kept {BUSY_CORES}+ CPU cores busy "
+            f"({len(busy)} of {len(ok)} runs, up to {worst:.1f} cores): slower than on a quiet machine, "
+            f"compare with care.")
 
 
 def _mem_note(ok: list[dict[str, Any]]) -> str:

@@ -163,7 +163,7 @@ class Runner:
         result.pop("model")
         eff = {k: result.pop(k) for k in ("train_seconds", "step_time_median", "step_time_mean",
                                           "throughput", "peak_mem_mb", "mem_start_mb", "mem_kind",
-                                          "comm_bytes_per_step")}
+                                          "other_cpu", "comm_bytes_per_step")}
         eff.update(trainable=built.trainable, base_params=built.base_params, delta_bytes=delta_bytes(built),
                    trainable_percent=100.0 * built.trainable / max(built.base_params, 1))
         extra = {"data": self.notes.get(task.name, {})} if task.generative else {}

@@ -51,6 +51,12 @@ def test_bench_in_process_resumes_and_lists(tmp_path, capsys, one_thread):
         assert f"suite  {name}" in listing
     assert listing.count("       budget ") == 4 and "this run:" in listing
     assert "budget 140 steps x batch 16" in listing  # the quick suite's, the default
+    before = (tmp_path / "results.jsonl").read_bytes()
+    i = args.index("--seeds")
+    assert main([*args[:i], "--seeds", "0", "1", *args[i + 2:], "--report"]) == 0  # seed 1: planned, not run
+    cap = capsys.readouterr()
+    assert "**Partial: 1 of 2 planned runs finished**" in (tmp_path / "summary.md").read_text()
+    assert "report of 1 runs" in cap.out and (tmp_path / "results.jsonl").read_bytes() == before
 
 
 def resolved(*argv):

@@ -141,13 +141,18 @@ def generation_table(methods: list[str], task: str, groups) -> list[str]:
 
 
 def summary_markdown(records: list[dict[str, Any]], methods: list[str], tasks: list[tuple[str, str]],
-                     title: str = "deltatune bench") -> str:
+                     title: str = "deltatune bench", planned: int | None = None) -> str:
+    """``planned``: the suite's number of runs; fewer finished makes the summary say it is partial."""
     groups = grouped(records)
     done = {(r["method"], r["task"], r["seed"]) for r in records if r.get("status") == "ok"}
     failed = {(r["method"], r["task"], r["seed"]): r.get("error", "") for r in records
               if r.get("status") != "ok" and (r["method"], r["task"], r["seed"]) not in done}
     ok = [r for r in records if r.get("status") == "ok"]
     lines = [f"# {title}", ""]
+    if planned is not None and len(done) < planned:
+        lines += [f"**Partial: {len(done)} of {planned} planned runs finished** (a cell with no runs shows "
+                  f"–; the intervals and findings cover the finished runs only). The same command resumes "
+                  f"the suite.", ""]
     if ok:
         r0 = ok[0]
         b = r0["budget"]

@@ -50,6 +50,7 @@ class SuiteConfig:
     plots: bool = True
     quiet: bool = False
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    train: bool = True  # False: only write the summary and plots of the runs already done
 
 
 def log(msg: str, quiet: bool = False) -> None:
@@ -204,12 +205,14 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
         if key in done:
             log(f"{where}: done already, skipped", quiet)
             continue
+        if not cfg.train:  # --report: the summary of what is done, nothing trained
+            continue
         rec = _run_cell(runner, task, spec, seed, key, where, quiet)
         if runner.acc.is_main_process:
             report.append(results, rec)
     records = [r for k, r in report.latest(report.read(results)).items() if k in set(keys)]
     if runner.acc.is_main_process:
-        write_reports(records, [s.label for s in specs], tasks, out, cfg.plots)
+        write_reports(records, [s.label for s in specs], tasks, out, cfg.plots, planned=len(cells))
         log(f"finished in {time.perf_counter() - t_start:.0f} s: {out / report.SUMMARY}", quiet)
     return records
 
@@ -239,11 +242,11 @@ def _run_cell(runner: Runner, task: Task, spec: MethodSpec, seed: int, key: str,
 
 
 def write_reports(records: list[dict[str, Any]], methods: list[str], tasks: list[Task], out: Path,
-                  plots: bool = True) -> list[Path]:
+                  plots: bool = True, planned: int | None = None) -> list[Path]:
     from ..core.state import atomic_write
 
     pairs = [(t.name, t.metric) for t in tasks]
-    text = report.summary_markdown(records, methods, pairs)
+    text = report.summary_markdown(records, methods, pairs, planned=planned)
     atomic_write(out / report.SUMMARY, text.encode())
     files = [out / report.SUMMARY]
     if plots:

@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="bench-out", help="output directory (default %(default)s)")
     p.add_argument("--fresh", action="store_true", help="re-run every cell even if results exist")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write summary.md and the plots from the runs already in --out "
+                        "(a partial suite says how many of its runs are done)")
     p.add_argument("--list", action="store_true",
                    help="print every suite with its budget, then the selected run's tasks, methods and "
                         "learning rates, and exit")
@@ -68,7 +71,7 @@ def resolve(args):
     kw["model"] = args.model or suite.model
     return SuiteConfig(tasks=args.tasks or list(suite.tasks), methods=methods,
                        seeds=args.seeds or list(suite.seeds), out=args.out, resume=not args.fresh,
-                       plots=not args.no_plots, **kw)
+                       plots=not args.no_plots, train=not args.report, **kw)
 
 
 def _with_budget(args, budget: Budget):
@@ -90,6 +93,9 @@ def run(args) -> int:
     failed = [r for r in records if r.get("status") != "ok"]
     if not args.quiet:
         print(open(f"{args.out}/summary.md", encoding="utf-8").read())
+    if args.report:
+        print(f"report of {len(records)} runs in {args.out}: {args.out}/summary.md")
+        return 0
     print(f"wall time: {wall // 60:.0f} min {wall % 60:.0f} s ({len(records)} runs, suite {args.suite}, "
           f"results in {args.out})")
     return 1 if records and len(failed) == len(records) else 0

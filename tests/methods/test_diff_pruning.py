@@ -75,8 +75,9 @@ def test_finalize_projects_to_exactly_k_by_magnitude():
 
 
 def test_diff_pruning_learns_sst2_on_real_model():
-    res = two_phase_run(dt.DiffPruningConfig(density=0.005), "finalize", steps=(90, 90),
-                        lr=(1e-4, 1e-3), head_lr=2e-3, gate_lr=0.1)
+    # (50, 50) steps, 200 dev examples: measured 0.535 -> 0.790 (seed 0, 1 thread, a busy machine)
+    res = two_phase_run(dt.DiffPruningConfig(density=0.005), "finalize", steps=(50, 50),
+                        lr=(1e-4, 1e-3), head_lr=2e-3, gate_lr=0.1, n_dev=200)
     print(f"diff pruning SST-2 dev accuracy: untrained {res['before']:.3f}, dense {res['phase1']:.3f}, "
           f"projected {res['switched']:.3f}, after fixed-mask steps {res['after']:.3f} "
           f"(k={res['k']}, {res['step_s']:.2f} s/step)")

@@ -357,14 +357,16 @@ def test_save_load_bit_exact(tmp_path, arch, cfg):
 
 
 # -- the real model ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg, lr", [
-    # the prefix MLP needs a small step: at 1e-3 MAM stayed at chance in 100 steps, 5e-4 reached 0.77
-    (dt.MAMConfig(num_virtual_tokens=20, reduction_factor=8.0), 5e-4),
-    (dt.UniPELTConfig(), 1e-3),
-    (dt.AdaMixConfig(), 2e-3),
+@pytest.mark.parametrize("cfg, lr, steps, n_dev", [
+    # the prefix MLP needs a small step: at 1e-3 MAM stayed at chance in 100 steps, 5e-4 reached 0.77;
+    # 60 steps on 200 dev examples measured: MAM 0.530 -> 0.695, UniPELT 0.525 -> 0.685 (AdaMix 0.635:
+    # it keeps 100 steps)
+    (dt.MAMConfig(num_virtual_tokens=20, reduction_factor=8.0), 5e-4, 60, 200),
+    (dt.UniPELTConfig(), 1e-3, 60, 200),
+    (dt.AdaMixConfig(), 2e-3, 100, 400),
 ], ids=["mam", "unipelt", "adamix"])
-def test_learns_sst2_on_real_model(cfg, lr):
-    before, after, dm = finetune(cfg, steps=100, lr=lr)
+def test_learns_sst2_on_real_model(cfg, lr, steps, n_dev):
+    before, after, dm = finetune(cfg, steps=steps, lr=lr, n_dev=n_dev)
     print(f"{cfg.method} SST-2 dev accuracy: untrained {before:.3f} -> {after:.3f}")
     assert after > before + 0.1
     assert after >= 0.65

@@ -102,8 +102,9 @@ def test_l1_regularization_and_explicit_k():
 
 
 def test_lt_sft_learns_sst2_on_real_model():
-    res = two_phase_run(dt.LTSFTConfig(density=0.01), "start_phase2", steps=(60, 60),
-                        lr=(1e-4, 1e-3), head_lr=2e-3)
+    # (35, 35) steps, 200 dev examples: measured 0.535 -> 0.750 (seed 0, 1 thread, a busy machine)
+    res = two_phase_run(dt.LTSFTConfig(density=0.01), "start_phase2", steps=(35, 35),
+                        lr=(1e-4, 1e-3), head_lr=2e-3, n_dev=200)
     print(f"LT-SFT SST-2 dev accuracy: untrained {res['before']:.3f}, phase 1 {res['phase1']:.3f}, "
           f"phase 2 {res['after']:.3f} (k={res['k']}, {res['step_s']:.2f} s/step)")
     assert res["before"] < 0.6

@@ -48,6 +48,6 @@ def test_diff_training_leaves_base_untouched():
 
 
 def test_bitfit_learns_sst2_on_real_model():
-    before, after, _ = finetune(dt.BitFitConfig(), steps=120, lr=5e-3)
+    before, after, _ = finetune(dt.BitFitConfig(), steps=60, lr=5e-3, n_dev=200)  # measured 0.535 -> 0.735
     print(f"BitFit SST-2 dev accuracy: untrained {before:.3f} -> {after:.3f}")
     assert after >= before + 0.15

@@ -319,29 +319,6 @@ class DeltaModel(HFSurface, nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def optimizer_groups(self, lr: float, weight_decay: float | None = None, head_lr: float | None = None,
-                         names: list[str] | None = None) -> list[dict[str, Any]]:
-        """Torch optimizer groups over ``trainable_parameters()``, each tensor in exactly one group:
-        each delta's (``names``: these; default all) at ``lr`` times its per-parameter multipliers
-        (``Delta.lr_scales``: a method's parts at their own rates), its task head at ``head_lr``
-        (default ``lr``), then any other trainable tensor (base parameters unfrozen by hand) at
-        ``lr``. ``weight_decay``: set in every group (None: the optimizer's default).
-        ``torch.optim.AdamW(dm.optimizer_groups(1e-3))``."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-            raise ConfigError(f"optimizer_groups(lr={lr!r}): expected a positive learning rate.")
-        groups: list[dict[str, Any]] = []
-        for n in self.deltas if names is None else names:
-            groups += self.get_delta(n).optimizer_groups(self.model, lr, head_lr)
-        seen = {id(p) for g in groups for p in g["params"]}
-        if names is None:
-            rest = [p for p in self.trainable_parameters() if id(p) not in seen]
-            if rest:
-                groups.append({"params": rest, "lr": lr})
-        if weight_decay is not None:
-            for g in groups:
-                g["weight_decay"] = weight_decay
-        return groups
-
     def regularization(self) -> torch.Tensor | float:
         """Sum of the active deltas' extra loss terms (0.0 when none has one)."""
         total: torch.Tensor | float = 0.0

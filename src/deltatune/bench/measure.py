@@ -43,7 +43,10 @@ def _busy_seconds() -> tuple[float, float, float]:
     import psutil
 
     m, me = psutil.cpu_times(), psutil.Process().cpu_times()
-    return time.monotonic(), sum(m) - m.idle - getattr(m, "iowait", 0.0), me.user + me.system
+    # Linux counts guest time inside user / nice as well: leave it out of the sum, or it counts twice
+    not_busy = ("idle", "iowait", "guest", "guest_nice")
+    busy = sum(v for k, v in m._asdict().items() if k not in not_busy)
+    return time.monotonic(), busy, me.user + me.system
 
 
 class PeakMemory:

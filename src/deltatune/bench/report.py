@@ -98,6 +98,10 @@ def _avg(rs: list[dict[str, Any]], key: str) -> float | None:
 SHARED, BUSY_CORES = "‡", 0.25  # a run during which other processes kept a quarter core busy or more
 
 
+def _shared(r: dict[str, Any]) -> bool:
+    return r["efficiency"].get("other_cpu", 0.0) >= BUSY_CORES
+
+
 def efficiency_table(methods: list[str], groups) -> list[str]:
     head = ["Method", "Trainable params", "Step time (ms)", "Throughput (ex/s)", "Peak memory (MB)",
             "Memory over start (MB)", "Delta on disk"]
@@ -109,7 +113,7 @@ def efficiency_table(methods: list[str], groups) -> list[str]:
         eff = rs[0]["efficiency"]
         step, thr, peak = _avg(rs, "step_time_median"), _avg(rs, "throughput"), _avg(rs, "peak_mem_mb")
         over = statistics.fmean([r["efficiency"]["peak_mem_mb"] - r["efficiency"]["mem_start_mb"] for r in rs])
-        shared = SHARED if any(r["efficiency"].get("other_cpu", 0.0) >= BUSY_CORES for r in rs) else ""
+        shared = SHARED if any(map(_shared, rs)) else ""
         lines.append(f"| `{method}` | {eff['trainable']:,} | {1000 * step:.0f}{shared} | {thr:.1f} | {peak:.0f} | "
                      f"{over:.0f} | {_size(eff['delta_bytes'])} |")
     return lines
@@ -205,7 +209,7 @@ def _machine(r: dict[str, Any]) -> str:
 
 
 def _shared_note(ok: list[dict[str, Any]]) -> str:
-    busy = [r for r in ok if r["efficiency"].get("other_cpu", 0.0) >= BUSY_CORES]
+    busy = [r for r in ok if _shared(r)]
     if not busy:
         return ""
     worst = max(r["efficiency"]["other_cpu"] for r in busy)

@@ -190,7 +190,8 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     quiet = runner.quiet()
     tasks = [parse_task(t) for t in cfg.tasks]
     specs = [parse_method(m) for m in (cfg.methods or default_methods())]
-    _check_data(tasks, cfg.data_dir, quiet)
+    if cfg.train:  # --report reads results.jsonl only: no data file is opened
+        _check_data(tasks, cfg.data_dir, quiet)
     out = Path(cfg.out)
     results = out / report.RESULTS
     done = {k for k, r in report.latest(report.read(results)).items() if r.get("status") == "ok"} if cfg.resume else set()

@@ -55,6 +55,17 @@ for _name in ("adapter", "compacter", "prefix", "ptuning", "vera", "loha", "lokr
               "lt_sft", "mask", "sparse_adapter", "mam", "unipelt", "adamix", "lst"):
     CONFIGS[_name] = (lambda m, n=_name: {"method": n}, None, _name)
 CONFIGS["adalora"] = (lambda m: {"method": "adalora", "total_step": 1000}, None, "adalora")
+# the LoRA derivatives (issue 20), at lora-qv's rank, alpha and targets so that each row reads against it
+_SCHEDULED = {"increlora": {"total_step": 1000}, "loraprune": {"total_step": 1000},
+              "delta_lora": {"start_step": 0}}
+for _name in ("dylora", "lora_fa", "delta_lora", "increlora", "loraprune", "qalora"):
+    _rank = {"init_r": 1, "target_r": 8} if _name == "increlora" else {"r": 8}
+    CONFIGS[_name] = (lambda m, n=_name, k=_rank: {"method": n, **k, "alpha": 16, "targets": QV[m],
+                                                   **_SCHEDULED.get(n, {})}, None, _name)
+# LoRAPrune scores heads and FFN channels from the LoRA gradients of every projection they touch:
+# all linear layers, so it reads against lora-all
+CONFIGS["loraprune"] = (lambda m: {"method": "loraprune", "r": 8, "alpha": 16, "targets": ALL_LINEAR[m],
+                                   "total_step": 1000}, None, "loraprune")
 
 
 def _dora(model_name: str):

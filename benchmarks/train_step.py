@@ -55,6 +55,8 @@ def run_one(args) -> dict:
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if args.impl == "deltatune":
+            net.step(step)  # the methods' schedules (AdaLoRA's budget, DyLoRA's rank) run as in training
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {

@@ -17,13 +17,18 @@ from .methods.adamix import AdaMixConfig
 from .methods.adapter import AdapterConfig
 from .methods.bitfit import BitFitConfig
 from .methods.compacter import CompacterConfig
+from .methods.delta_lora import DeltaLoRAConfig
 from .methods.diff_pruning import DiffPruningConfig
+from .methods.dylora import DyLoRAConfig
 from .methods.fusion import FusionConfig
 from .methods.ia3 import IA3Config
+from .methods.increlora import IncreLoRAConfig
 from .methods.layernorm import LayerNormConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoRAConfig
+from .methods.lora_fa import LoRAFAConfig
+from .methods.loraprune import LoRAPruneConfig, prune_model
 from .methods.lst import LSTConfig
 from .methods.lt_sft import LTSFTConfig
 from .methods.mam import MAMConfig
@@ -32,6 +37,7 @@ from .methods.partial import PartialConfig
 from .methods.prefix import PrefixConfig
 from .methods.prompt import PromptConfig
 from .methods.ptuning import PTuningConfig
+from .methods.qalora import QALoRAConfig
 from .methods.sparse_adapter import SparseAdapterConfig
 from .methods.unipelt import UniPELTConfig
 from .methods.vera import VeRAConfig
@@ -57,6 +63,7 @@ __all__ = [
     "DiffPruningConfig", "FusionConfig", "IA3Config", "LayerNormConfig", "LoHaConfig", "LoKrConfig",
     "LoRAConfig", "LSTConfig", "LTSFTConfig", "MAMConfig", "MaskConfig", "PartialConfig",
     "PrefixConfig", "PromptConfig", "PTuningConfig", "SparseAdapterConfig", "UniPELTConfig",
-    "VeRAConfig",
+    "VeRAConfig", "DeltaLoRAConfig", "DyLoRAConfig", "IncreLoRAConfig", "LoRAFAConfig", "LoRAPruneConfig",
+    "QALoRAConfig", "prune_model",
 ]
 

@@ -18,8 +18,11 @@ from .errors import ConfigError
 
 
 class DeltaCallback(TrainerCallback):
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
         dm = _delta_model(model)
+        if optimizer is not None:  # Trainer's own optimizer has one rate: LoRA+'s ratio would be lost
+            dm.check_optimizer(optimizer)
         needs = [n for n in dm.active if dm.get_delta(n).regularized]
         if needs and "forward" in vars(dm):
             raise ConfigError(

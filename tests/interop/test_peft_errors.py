@@ -37,10 +37,32 @@ def test_unsupported_field_is_an_error_naming_it(adapter, tmp_path, field, value
         dt.load(tiny_model("bert", "cls"), edited(adapter, tmp_path, **{field: value}))
 
 
-@pytest.mark.parametrize("value", ["pissa", "olora", "loftq", "corda", "eva", "orthogonal", 1])
-def test_init_that_rewrites_the_base_is_refused(adapter, tmp_path, value):
-    with pytest.raises(dt.ConfigError, match="init_lora_weights"):
+# pissa and olora load (recomputed from the pretrained base as peft does: tests/methods/
+# test_lora_init.py); what stays refused is what neither deltatune nor peft can rebuild from the
+# pretrained base, each with its reason and the way out
+@pytest.mark.parametrize("value,why", [
+    ("pissa_niter_4", "draws the randomized SVD again.*path_initial_model_for_weight_conversion"),
+    ("loftq", "bitsandbytes NF4.*init='loftq'"),
+    ("corda", "deltatune converts True, False, 'gaussian'.*'pissa' and 'olora'"),
+    ("eva", "deltatune converts"), ("orthogonal", "deltatune converts"), (1, "deltatune converts"),
+])
+def test_init_that_cannot_be_rebuilt_is_refused_with_its_reason(adapter, tmp_path, value, why):
+    with pytest.raises(dt.ConfigError, match=rf"(?s)peft field init_lora_weights={value!r}.*{why}"):
         dt.load(tiny_model("bert", "cls"), edited(adapter, tmp_path, init_lora_weights=value))
+
+
+def test_pissa_and_olora_are_no_longer_refused(adapter, tmp_path):
+    for init in ("pissa", "olora"):
+        dm = dt.load(tiny_model("bert", "cls"), edited(adapter, tmp_path, init_lora_weights=init))
+        assert dm.get_delta("default").config.init == init
+
+
+def test_peft_olora_on_conv1d_is_refused(tmp_path):
+    """peft's olora_init factorizes a Conv1D's stored (in, out) matrix (square c_proj: it runs), a
+    split deltatune does not make: refused, naming the module and the converted form."""
+    peft_adapter(tmp_path, "gpt2", target_modules=["attn.c_proj"], init_lora_weights="olora")
+    with pytest.raises(dt.CheckpointError, match=r"'olora' on Conv1D module .*c_proj.*rank 2r"):
+        dt.load(tiny_model("gpt2"), tmp_path)
 
 
 def test_all_linear_and_missing_targets_are_refused(adapter, tmp_path):

@@ -115,6 +115,20 @@ def regularization_outside_the_loss():
     DeltaCallback().on_train_begin(None, None, None, model=dm)
 
 
+def ranks_not_followed():
+    model = tiny_model("bert")
+    dm = dt.wrap(model, {"method": "increlora", "init_r": 1, "target_r": 3, "rank_step": 1, "top_h": 2, "tinit": 1,
+                         "deltaT": 2, "total_step": 12})
+    x = tiny_inputs(model, batch=4, seed=3)
+    opt = torch.optim.AdamW(dm.trainable_parameters(), lr=1e-2)  # never given the new ranks
+    dm.train()
+    for i in range(6):
+        dm(**x, labels=torch.arange(4) % 2).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dm.step(i)
+
+
 def read_data_file(blob: bytes, suffix: str = ".csv"):
     """parse_task + read of a train/dev file holding `blob` (in a temporary directory)."""
     import tempfile
@@ -202,6 +216,19 @@ CONFIG_CASES = [
      r"continuation byte\): save it as UTF-8", read_data_file(b"text,label\ncaf\xe9 ok,pos\n")),
     ("unreadable-data-file", ConfigError, r"data\.jsonl cannot be read as JSONL \(.*\): fix the file, or convert",
      read_data_file(b'{"text": "a", "label": "x"}\n{oops\n', ".jsonl")),
+    ("dylora-dora", ConfigError, r"DyLoRAConfig\.dora=True is invalid: .* every truncation of it; use method='lora' "
+     r"with dora=True", lambda: dt.DyLoRAConfig(r=4, dora=True)),
+    ("delta-lora-dropout", ConfigError, r"DeltaLoRAConfig\.dropout=0\.1 is invalid: expected 0: Delta-LoRA removes",
+     lambda: dt.DeltaLoRAConfig(dropout=0.1)),
+    ("qalora-group-not-dividing", ConfigError, r"QALoRAConfig\.group_size=5 does not divide the 32 input features of "
+     r"bert\.encoder\.layer\.0\.attention\.self\.query: choose a group_size",
+     lambda: dt.wrap(tiny_model("bert"), {"method": "qalora", "r": 2, "group_size": 5})),
+    ("loraprune-group-not-targeted", ConfigError, r"LoRAPrune estimates the importance of the channels of "
+     r"bert\.encoder\.layer\.0 .* add them to targets, or set channels=False",
+     lambda: dt.wrap(tiny_model("bert"), {"method": "loraprune", "r": 2, "targets": ["query", "value"],
+                                          "total_step": 10})),
+    ("optimizer-missed-new-ranks", dt.DeltaError, r"added ranks at step 2, but the optimizer does not train them",
+     ranks_not_followed),
 ]
 
 

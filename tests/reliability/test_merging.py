@@ -30,6 +30,13 @@ MERGEABLE = [
     ("lt_sft", {"method": "lt_sft"}, "bert"),
     ("mask", {"method": "mask"}, "bert"),
     ("lora-t5", {"method": "lora", "r": 2}, "t5"),
+    ("dylora", {"method": "dylora", "r": 4, "r_min": 1}, "bert"),
+    ("dylora-rank", {"method": "dylora", "r": 4, "rank": 2}, "bert"),
+    ("lora_fa", {"method": "lora_fa", "r": 2}, "bert"),
+    ("delta_lora", {"method": "delta_lora", "r": 2, "start_step": 0}, "bert"),
+    ("increlora", {"method": "increlora", "init_r": 1, "target_r": 2, "total_step": 10}, "bert"),
+    ("qalora", {"method": "qalora", "r": 2, "group_size": 8}, "bert"),
+    ("loraprune", {"method": "loraprune", "r": 2, "total_step": 10}, "bert"),
 ]
 SWITCHABLE = ["diff_pruning", "lt_sft", "mask"]
 

@@ -22,6 +22,16 @@ STRATEGIES = {
     "lora": st.fixed_dictionaries({"r": st.integers(1, 8), "alpha": pos, "dropout": drop,
                                    "rslora": st.booleans(), "dora": st.booleans(),
                                    "init": st.sampled_from(["kaiming", "gaussian"])}),
+    "dylora": st.integers(1, 6).flatmap(lambda r: st.fixed_dictionaries(
+        {"r": st.just(r), "r_min": st.integers(1, r), "alpha": pos, "frozen": st.booleans()})),
+    "lora_fa": st.fixed_dictionaries({"r": st.integers(1, 8), "alpha": pos, "dropout": drop}),
+    "delta_lora": st.fixed_dictionaries({"r": st.integers(1, 8), "alpha": pos,
+                                         "update_ratio": st.floats(0.0, 4.0), "start_step": st.integers(0, 5)}),
+    "increlora": st.integers(1, 3).flatmap(lambda r: st.fixed_dictionaries(
+        {"init_r": st.just(r), "target_r": st.integers(r + 1, 6), "alpha": pos, "total_step": st.just(20)})),
+    "qalora": st.fixed_dictionaries({"r": st.integers(1, 8), "alpha": pos, "group_size": st.sampled_from([1, 2, 4, 8])}),
+    "loraprune": st.fixed_dictionaries({"r": st.integers(1, 8), "alpha": pos, "sparsity": st.floats(0.1, 0.9),
+                                        "total_step": st.just(50)}),
     "ia3": st.just({}),
     "vera": st.fixed_dictionaries({"r": st.integers(1, 32), "d_initial": st.floats(0.01, 1.0),
                                    "projection_prng_key": st.integers(0, 2**31), "dropout": drop}),

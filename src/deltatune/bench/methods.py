@@ -18,8 +18,6 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..core.delta import key_to_path
-from ..core.layer import ParamCopy
 from ..core.model import DeltaModel
 from ..core.registry import available_methods, config_from_dict, get_method
 from ..errors import ConfigError
@@ -183,14 +181,6 @@ def count_trainable(dm: DeltaModel) -> int:
 
 
 def _groups(delta, model: nn.Module, rate: float, head_lr: float | None) -> list[dict[str, Any]]:
-    heads = set(delta.head_names(model))
-    head_ids = {id(p) for k, layer in delta.layers.items()
-                if isinstance(layer, ParamCopy) and key_to_path(k).split(".")[0] in heads
-                for p in layer.parameters()}
-    params = [p for p in delta.parameters() if p.requires_grad]
-    own = [p for p in params if id(p) not in head_ids]
-    head = [p for p in params if id(p) in head_ids]
-    groups = [{"params": own, "lr": rate}] if own else []
-    if head:
-        groups.append({"params": head, "lr": rate if head_lr is None else head_lr})
-    return groups
+    """The delta's own optimizer groups (Delta.optimizer_groups: its per-parameter learning-rate
+    multipliers, and its task head at `head_lr`)."""
+    return delta.optimizer_groups(model, rate, head_lr)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, MergeError, TargetError
+from ..errors import CheckpointError, ConfigError, MergeError, TargetError
 from . import arch
 from .config import DeltaConfig
 from .layer import DeltaLayer, ParamCopy
@@ -167,6 +167,41 @@ class Delta(nn.Module):
     def masked_count(self) -> int:
         """Entries of trainable tensors held at zero by a fixed mask: not counted as trainable."""
         return 0
+
+    # -- optimizer groups -------------------------------------------------------------------------
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers of some trainable parameters, by their ``named_parameters()``
+        name (the others train at 1x). A method whose paper trains parts at different rates
+        overrides it; ``optimizer_groups`` honours it."""
+        return {}
+
+    def head_parameter_ids(self, model: nn.Module) -> set[int]:
+        """ids of the task-head copies' parameters (``modules_to_save``): trained at ``head_lr``."""
+        heads = set(self.head_names(model))
+        return {id(p) for k, layer in self.layers.items()
+                if isinstance(layer, ParamCopy) and key_to_path(k).split(".")[0] in heads
+                for p in layer.parameters()}
+
+    def optimizer_groups(self, model: nn.Module, lr: float, head_lr: float | None = None) -> list[dict[str, Any]]:
+        """This delta's trainable parameters as torch optimizer groups: ``lr`` times each one's
+        ``lr_scales()`` multiplier, the task heads / ``modules_to_save`` copies at ``head_lr``
+        (default: ``lr``). Every trainable parameter is in exactly one group; groups in first-seen
+        order, none empty."""
+        scales = self.lr_scales()
+        named = dict(self.named_parameters())
+        odd = sorted(set(scales) - {n for n, p in named.items() if p.requires_grad})
+        if odd:
+            raise ConfigError(f"{type(self).__name__}.lr_scales() names {odd[:3]}, which are not trainable "
+                              f"parameters of delta {self.name!r} (a method bug: name them as "
+                              f"named_parameters() does).")
+        head_ids = self.head_parameter_ids(model)
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for n, p in named.items():
+            if p.requires_grad:
+                head = id(p) in head_ids
+                groups.setdefault((head, 1.0 if head else float(scales.get(n, 1.0))), []).append(p)
+        return [{"params": ps, "lr": (lr if head_lr is None else head_lr) if head else lr * scale}
+                for (head, scale), ps in groups.items()]
 
     # -- weighted combination of several deltas of this method (DeltaModel.add_weighted) ---------
     @classmethod

@@ -6,6 +6,7 @@ the base model's modules and state_dict keys are never replaced.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -318,6 +319,55 @@ class DeltaModel(HFSurface, nn.Module):
     # -- training helpers ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def optimizer_groups(self, lr: float, weight_decay: float | None = None, head_lr: float | None = None,
+                         names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Torch optimizer groups over ``trainable_parameters()``, each tensor in exactly one group:
+        each delta's (``names``: these; default all) at ``lr`` times its per-parameter multipliers
+        (``Delta.lr_scales``: a method's parts at their own rates), its task head at ``head_lr``
+        (default ``lr``), then any other trainable tensor (base parameters unfrozen by hand) at
+        ``lr``. ``weight_decay``: set in every group (None: the optimizer's default).
+        ``torch.optim.AdamW(dm.optimizer_groups(1e-3))``."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ConfigError(f"optimizer_groups(lr={lr!r}): expected a positive learning rate.")
+        groups: list[dict[str, Any]] = []
+        for n in self.deltas if names is None else names:
+            groups += self.get_delta(n).optimizer_groups(self.model, lr, head_lr)
+        seen = {id(p) for g in groups for p in g["params"]}
+        if names is None:
+            rest = [p for p in self.trainable_parameters() if id(p) not in seen]
+            if rest:
+                groups.append({"params": rest, "lr": lr})
+        if weight_decay is not None:
+            for g in groups:
+                g["weight_decay"] = weight_decay
+        return groups
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Refuse an optimizer that trains a delta's scaled tensors (``Delta.lr_scales``: LoRA+'s B)
+        at the rate of its other tensors: an optimizer built over ``trainable_parameters()`` (or by
+        transformers.Trainer) would silently drop the ratio. Compared per delta, as the ratio of the
+        groups' initial learning rates, so a schedule's common factor does not matter."""
+        rate = {id(p): g.get("initial_lr", g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        for name in self._active:
+            delta = self.get_delta(name)
+            scales = delta.lr_scales()
+            if not scales:
+                continue
+            named = {n: p for n, p in delta.named_parameters() if p.requires_grad and id(p) in rate}
+            heads = delta.head_parameter_ids(self.model)
+            plain = [p for n, p in named.items() if n not in scales and id(p) not in heads]
+            if not plain:
+                continue  # nothing at 1x to compare with (e.g. A frozen)
+            base = rate[id(plain[0])]
+            for n, scale in scales.items():
+                if n in named and not math.isclose(rate[id(named[n])], base * scale, rel_tol=1e-6):
+                    got = rate[id(named[n])] / base if base else float("inf")
+                    raise ConfigError(
+                        f"delta {name!r} trains {n} at {scale:g}x the learning rate of its other tensors "
+                        f"(lr_scales: LoRA+'s lr_ratio), but this optimizer has it at {got:g}x: build the "
+                        f"optimizer from dm.optimizer_groups(lr) (with transformers.Trainer: optimizers="
+                        f"(torch.optim.AdamW(dm.optimizer_groups(args.learning_rate)), None)).")
 
     def regularization(self) -> torch.Tensor | float:
         """Sum of the active deltas' extra loss terms (0.0 when none has one)."""

@@ -73,7 +73,8 @@ def peft_item(path: str, name: str, value: torch.Tensor, layer: nn.Module, mappi
 def peft_tensors(delta: Delta, mapping: PeftMapping, model: nn.Module) -> dict[str, torch.Tensor]:
     """The delta's saved tensors (its ``delta_state_dict``: compacted / folded forms) by peft key."""
     out: dict[str, torch.Tensor] = {}
-    for key, value in delta.delta_state_dict().items():
+    state = delta.delta_state_dict() if mapping.saved_tensors is None else mapping.saved_tensors(delta, model)
+    for key, value in state.items():
         layer, path, name = _owner(delta, key)
         pkey, pvalue = peft_item(path, name, value, layer, mapping, model)
         out[pkey] = pvalue.detach().contiguous().cpu()

@@ -78,6 +78,10 @@ class PeftMapping:
                       dict[str, torch.Tensor]] | None = None
     # save: (delta, model) -> tensors by whole peft key that the delta does not save itself
     extra_tensors: Callable[[Delta, nn.Module], dict[str, torch.Tensor]] | None = None
+    # save: (delta, model) -> the delta's tensors to write, by its own keys, when peft's file holds
+    # another form of them than ``delta_state_dict()`` (tensors peft derives itself left out, a
+    # converted form); None: ``delta_state_dict()``
+    saved_tensors: Callable[[Delta, nn.Module], dict[str, torch.Tensor]] | None = None
 
 
 class PeftFields:

@@ -33,13 +33,17 @@ HOWS = ("linear", "svd", "ties", "dare")
 
 
 class Factors(Protocol):
-    """What a combination reads and writes of a LoRA layer: dW = scaling * lora_B @ lora_A."""
+    """What a combination reads and writes of a LoRA layer: dW = update() = B' A' with (A', B') =
+    factors() (scaling * lora_B @ lora_A, and minus the initial factors a PiSSA / OLoRA layer
+    holds); a new layer is written through lora_A, lora_B and scaling."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
 
     def update(self) -> torch.Tensor: ...
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def weighted(cls: type[Delta], layer_type: type[DeltaLayer], name: str, deltas: list[Delta],
@@ -61,7 +65,7 @@ def weighted(cls: type[Delta], layer_type: type[DeltaLayer], name: str, deltas: 
     parts = {p: [d.layers[path_to_key(p)] if path_to_key(p) in d.layers else None for d in deltas]
              for p in paths}
     if how == "linear":  # every source factor kept: per module, the sum of the ranks found there
-        ranks = {p: sum(x.lora_A.shape[0] for x in ps if x is not None) for p, ps in parts.items()}
+        ranks = {p: sum(x.factors()[0].shape[0] for x in ps if x is not None) for p, ps in parts.items()}
     else:
         r_max = max(x.lora_A.shape[0] for ps in parts.values() for x in ps if x is not None)
         ranks = {p: rank or r_max for p in paths}
@@ -101,8 +105,9 @@ def _concat(layer: Factors, parts: list[Factors | None], weights: list[float]) -
     a_blocks, b_blocks = [], []
     for part, w in zip(parts, weights):
         if part is not None:
-            a_blocks.append(part.lora_A)
-            b_blocks.append(part.lora_B * (w * part.scaling))
+            a, b = part.factors()
+            a_blocks.append(a)
+            b_blocks.append(b * w)
     layer.lora_A.copy_(torch.cat(a_blocks, dim=0))
     layer.lora_B.copy_(torch.cat(b_blocks, dim=1) / layer.scaling)
 

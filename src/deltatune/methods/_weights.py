@@ -31,6 +31,12 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return _out_in(module, module.weight)
 
 
+def stored_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """An (out, in) tensor in the module's own layout (Conv1D, Embedding: (in, out)), or back: the
+    same transposition either way (what an init that rewrites the stored weight needs)."""
+    return _out_in(module, t)
+
+
 def module_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear / Conv1D / Embedding (quantized or not)."""
     rows, cols = module.weight.shape

@@ -31,6 +31,7 @@ from ..core.config import DeltaConfig
 from ..core.delta import Delta, key_to_path, path_to_key
 from ..core.registry import register
 from ..errors import CheckpointError, ConfigError, DeltaError
+from . import _importance
 from ._weights import LowRankLayer, module_dims
 
 _NAMES = ("lora_A", "lora_B", "lora_E")
@@ -135,31 +136,17 @@ class SVDLayer(LowRankLayer):
         return {"lora_A": self.lora_A[m], "lora_B": self.lora_B[:, m], "lora_E": self.lora_E[m]}
 
     def orthogonality(self) -> list[torch.Tensor]:
-        a, b = self.lora_A, self.lora_B
-        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-        return [torch.linalg.matrix_norm(a @ a.T - eye), torch.linalg.matrix_norm(b.T @ b - eye)]
+        return _importance.orthogonality(self.lora_A, self.lora_B)
 
 
-class Importance:
-    """EMA of the sensitivity and of its uncertainty, per tensor of one layer (the paper's Ī, Ū)."""
-
-    def __init__(self, beta1: float, beta2: float):
-        self.beta1, self.beta2 = beta1, beta2
-        self.avg: dict[str, torch.Tensor] = {}
-        self.unc: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def update(self, sens: dict[str, torch.Tensor]) -> None:
-        for n, s in sens.items():
-            avg = self.avg.get(n, torch.zeros_like(s))
-            unc = self.unc.get(n, torch.zeros_like(s))
-            self.avg[n] = self.beta1 * avg + (1 - self.beta1) * s
-            self.unc[n] = self.beta2 * unc + (1 - self.beta2) * (s - self.avg[n]).abs()
+class Importance(_importance.Importance):
+    """The shared EMA of the sensitivity and of its uncertainty (methods/_importance.py), per
+    tensor of one layer (the paper's Ī, Ū), scored per singular triplet."""
 
     def triplet_scores(self) -> torch.Tensor | None:
         if len(self.avg) < len(_NAMES):
             return None
-        s = {n: self.avg[n] * self.unc[n] for n in _NAMES}
+        s = {n: self.score(n) for n in _NAMES}
         return s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
 
 

@@ -10,9 +10,10 @@ import torch.nn as nn
 from ..core import arch
 from ..core.targets import name_matches
 from ..errors import ConfigError, MergeError, did_you_mean
-from . import nf4
+from . import intq, nf4
 
-SCHEMES = ("nf4",)
+INT_SCHEMES = {f"int{b}": b for b in intq.BITS}  # group-wise min-max INT (quant/intq.py)
+SCHEMES = ("nf4", *INT_SCHEMES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,18 +50,21 @@ def _kept_dense(model: nn.Module, skip: list[str] | str | None) -> set[int]:
 
 
 def quantize(model: nn.Module, scheme: str = "nf4", *, compute_dtype: torch.dtype | str | None = None,
-             block_size: int = 64, scaler_block_size: int = 256,
+             block_size: int = 64, scaler_block_size: int = 256, group_size: int = 32,
              skip: list[str] | str | None = None, embeddings: bool = False) -> nn.Module:
-    """Store the frozen base's nn.Linear (and GPT-2 Conv1D) weights in NF4, in place; returns `model`.
+    """Store the frozen base's nn.Linear (and GPT-2 Conv1D) weights in 4 bits, in place; returns `model`.
 
+    scheme: "nf4" (QLoRA's NormalFloat, torchao's NF4Tensor) or "int2" / "int4" / "int8" (group-wise
+        min-max INT with float scales and zero points, quant/intq.py: QA-LoRA's base format).
     compute_dtype: the dtype the matmuls run in (None: the weight's own dtype); outputs come back in
-        the input's dtype. block_size: values per absmax scale (64 as in QLoRA); scaler_block_size:
-        scales per second-level scale (256). skip: module-name suffixes or a regex kept dense, on top
-        of the task head, the output embedding (lm_head) and tied weights, which always stay dense.
-        embeddings: quantize nn.Embedding tables too (QLoRA keeps them dense; in a small model with
-        a large vocabulary they are most of the memory).
+        the input's dtype. block_size: NF4 values per absmax scale (64 as in QLoRA);
+        scaler_block_size: NF4 scales per second-level scale (256). group_size: INT input columns
+        per scale and zero point (32 as in QA-LoRA). skip: module-name suffixes or a regex kept
+        dense, on top of the task head, the output embedding (lm_head) and tied weights, which
+        always stay dense. embeddings: quantize nn.Embedding tables too (NF4 only; QLoRA keeps them
+        dense; in a small model with a large vocabulary they are most of the memory).
     Works on a plain model (quantize before ``wrap``) or a DeltaModel (its base). Modules whose size
-    is not a multiple of block_size stay dense.
+    is not a multiple of block_size (NF4) or whose input size is not one of group_size (INT) stay dense.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization scheme {scheme!r}.{did_you_mean(scheme, SCHEMES)} "
@@ -69,42 +73,67 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, compute_dtype: torch.dtyp
         raise ConfigError(f"block_size={block_size!r} is invalid: expected a positive even integer (64).")
     if not (isinstance(scaler_block_size, int) and scaler_block_size > 0):
         raise ConfigError(f"scaler_block_size={scaler_block_size!r} is invalid: expected a positive integer (256).")
+    bits = INT_SCHEMES.get(scheme)
+    if bits is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % (8 // bits):
+            raise ConfigError(f"group_size={group_size!r} is invalid: expected a positive integer, a multiple "
+                              f"of {8 // bits} for {scheme} (codes packed {8 // bits} to a byte; 32 as in QA-LoRA).")
+        if embeddings:
+            raise ConfigError(f"embeddings=True quantizes embedding tables to NF4 only: use scheme='nf4', "
+                              f"or leave embeddings=False with {scheme!r} (Linear / Conv1D weights).")
     dtype = _compute_dtype(compute_dtype)
     base, dm = _base(model)
     if dm is not None and dm.merged:
         raise MergeError(f"deltas {list(dm.merged)} are merged into the base: unmerge() before quantizing.")
     keep = _kept_dense(base, skip)
-    kinds = set(nf4.QUANTIZED_CLASS) - (set() if embeddings else {nn.Embedding})
+    nf4_kinds = set(nf4.QUANTIZED_CLASS) - (set() if embeddings else {nn.Embedding})
     done = 0
     for _, m in base.named_modules():
-        if type(m) in kinds and id(m) not in keep and nf4.fits(m, block_size):
+        if id(m) in keep:
+            continue
+        if bits is None and type(m) in nf4_kinds and nf4.fits(m, block_size):
             nf4.quantize_module(m, block_size, scaler_block_size, dtype)
-            done += 1
+        elif bits is not None and type(m) in intq.QUANTIZED_CLASS and intq.fits(m, group_size):
+            intq.quantize_module(m, bits, group_size, dtype)
+        else:
+            continue
+        done += 1
     if not done:
+        size = f"block_size={block_size}" if bits is None else f"group_size={group_size} (input features)"
         raise ConfigError(f"quantize found no nn.Linear / Conv1D weight to quantize in {type(base).__name__} "
                           f"(heads, lm_head, tied weights and `skip` stay dense; sizes must be "
-                          f"multiples of block_size={block_size}).")
+                          f"multiples of {size}).")
     return model
+
+
+def _kind(module: nn.Module):
+    """The module that quantizes / restores this quantized module (nf4 or intq), or None."""
+    if isinstance(module, nf4._NF4Module):
+        return nf4
+    if isinstance(module, intq._IntModule):
+        return intq
+    return None
 
 
 def quantized_modules(model: nn.Module) -> list[str]:
     """Paths of the modules whose weight is quantized."""
     base, _ = _base(model)
-    return [n for n, m in base.named_modules() if isinstance(m, nf4._NF4Module)]
+    return [n for n, m in base.named_modules() if _kind(m) is not None]
 
 
 def dequantize(model: nn.Module, modules: list[str] | None = None) -> nn.Module:
     """Dense weights back (in their original dtype), for all or some quantized modules; returns `model`."""
     base, _ = _base(model)
     for path in quantized_modules(base) if modules is None else modules:
-        nf4.restore_module(base.get_submodule(path))
+        m = base.get_submodule(path)
+        _kind(m).restore_module(m)
     return model
 
 
 @dataclass
 class MergeReport:
     """What merge_quantized did: the modules it touched and, when requantized, the rounding error
-    of the merged weights (max |W_nf4 - W| and ||W_nf4 - W||_F / ||W||_F over those modules)."""
+    of the merged weights (max |W_q - W| and ||W_q - W||_F / ||W||_F over those modules)."""
 
     modules: list[str]
     requantized: bool
@@ -113,7 +142,7 @@ class MergeReport:
     per_module: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        what = (f"requantized to NF4: max abs error {self.max_abs_error:.3g}, relative "
+        what = (f"requantized: max abs error {self.max_abs_error:.3g}, relative "
                 f"{self.rel_error:.3g}" if self.requantized else "kept dense (exact merge)")
         return f"merged into {len(self.modules)} quantized module(s), {what}"
 
@@ -121,14 +150,18 @@ class MergeReport:
 def merge_quantized(dm, name: str | None = None, requantize: bool = True) -> MergeReport:
     """Merge a delta (default: the active ones) into a quantized base: dequantize the modules it
     touches, merge exactly, then requantize them (``requantize=True``: the base stays 4-bit, the
-    merged weights carry NF4 rounding, reported; unmerge is no longer possible) or keep them dense.
+    merged weights carry the format's rounding, reported; unmerge is no longer possible) or keep
+    them dense. (A QA-LoRA delta on an INT base needs none of this: ``dm.merge()`` keeps the format.)
     """
     from ..core.delta import key_to_path
 
     names = [name] if name is not None else [n for n in dm.active if n not in dm.merged]
     quantized = set(quantized_modules(dm.model))
     paths = sorted({key_to_path(k) for n in names for k in dm.get_delta(n).layers} & quantized)
-    saved = {p: nf4.settings(dm.model.get_submodule(p)) for p in paths}
+    saved = {}
+    for p in paths:
+        m = dm.model.get_submodule(p)
+        saved[p] = (_kind(m), _kind(m).settings(m))
     dequantize(dm.model, paths)
     try:
         for n in names:
@@ -142,12 +175,14 @@ def merge_quantized(dm, name: str | None = None, requantize: bool = True) -> Mer
 
 
 def _requantize(base: nn.Module, saved: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from . import dense
+
     out = {}
-    for path, (block, scaler, dtype) in saved.items():
+    for path, (kind, options) in saved.items():
         m = base.get_submodule(path)
         exact = m.weight.detach().clone()
-        nf4.quantize_module(m, block, scaler, dtype)
-        out[path] = (exact, nf4.dequantize_nf4(m.weight))
+        kind.quantize_module(m, *options)
+        out[path] = (exact, dense(m.weight))
     return out
 
 
@@ -187,7 +222,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if nf4.nf4_type() is not None and isinstance(t, nf4.nf4_type()):
+        if isinstance(t, intq.GroupQuantTensor):
+            q, qf = q + t.nbytes_held(), qf + 4 * t.numel()
+        elif nf4.nf4_type() is not None and isinstance(t, nf4.nf4_type()):
             q, qf = q + nf4.nbytes(t), qf + 4 * t.numel()
         else:
             size = t.numel() * t.element_size()

@@ -26,6 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from .modules import QuantModule, install, uninstall
+
+
 # torchao moved NF4Tensor between releases; the newest location first.
 NF4_MODULES = ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor")
 _QUIET = ("torchao", "torch.utils._pytree")  # loggers that report optional CUDA kernels on import
@@ -116,21 +119,10 @@ class _MatmulNF4(torch.autograd.Function):
         return (grad @ d.T if ctx.in_out else grad @ d), None, None
 
 
-class _NF4Module:
-    """Shared by NF4Linear / NF4Conv1D / NF4Embedding: made by class assignment on an existing module (quantize),
-    never built; computes in ``compute_dtype`` and returns the input's dtype (as bitsandbytes'
-    Linear4bit does)."""
+class _NF4Module(QuantModule):
+    """Shared by NF4Linear / NF4Conv1D / NF4Embedding."""
 
-    compute_dtype: torch.dtype | None = None
-    dense_class: type[nn.Module]
-    in_out = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or self.weight.dtype
-        y = _MatmulNF4.apply(x.to(dtype), self.weight, self.in_out)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
+    matmul = _MatmulNF4
 
     def __deepcopy__(self, memo: dict) -> nn.Module:
         """Copy the packed tensors as they are (torchao's clone requantizes, with default sizes)."""
@@ -145,10 +137,10 @@ class _NF4Module:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
 
-    def extra_repr(self) -> str:
+    def format_repr(self) -> str:
         w = self.weight
-        return (f"{super().extra_repr()}, nf4(block_size={w.block_size}, "
-                f"scaler_block_size={w.scaler_block_size}, compute_dtype={self.compute_dtype or w.dtype})")
+        return (f"nf4(block_size={w.block_size}, scaler_block_size={w.scaler_block_size}, "
+                f"compute_dtype={self.compute_dtype or w.dtype})")
 
 
 class NF4Linear(_NF4Module, nn.Linear):
@@ -183,19 +175,12 @@ QUANTIZED_CLASS: dict[type, type] = {nn.Linear: NF4Linear, Conv1D: NF4Conv1D, nn
 def quantize_module(module: nn.Module, block_size: int, scaler_block_size: int,
                     compute_dtype: torch.dtype | None) -> None:
     """Quantize one nn.Linear / Conv1D in place (same object, same parameter names)."""
-    q = to_nf4(module.weight, block_size, scaler_block_size)
-    module.weight = nn.Parameter(q, requires_grad=False)
-    module.__class__ = QUANTIZED_CLASS[type(module)]
-    module.compute_dtype = compute_dtype
+    install(module, to_nf4(module.weight, block_size, scaler_block_size), QUANTIZED_CLASS, compute_dtype)
 
 
 def restore_module(module: nn.Module) -> torch.Tensor:
     """A quantized module back to its dense class (the weight in its original dtype)."""
-    dense = dequantize_nf4(module.weight)
-    module.__class__ = module.dense_class
-    module.__dict__.pop("compute_dtype", None)
-    module.weight = nn.Parameter(dense, requires_grad=False)
-    return dense
+    return uninstall(module, dequantize_nf4(module.weight))
 
 
 def settings(module: nn.Module) -> tuple[int, int, torch.dtype | None]:

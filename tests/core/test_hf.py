@@ -28,7 +28,8 @@ def test_forward_shows_the_base_signature_and_labels(arch):
     dm = dt.wrap(model, dt.LoRAConfig(r=2, targets=None))
     base = list(inspect.signature(model.forward).parameters)
     ours = list(inspect.signature(dm.forward).parameters)
-    assert [p for p in ours if p != "deltas"] == base and "deltas" in ours
+    assert [p for p in ours if p not in ("deltas", "task_ids")] == base
+    assert {"deltas", "task_ids"} <= set(ours)  # Trainer keeps the dataset's task_ids column
     assert find_labels(type(dm)) == find_labels(type(model)) and "labels" in find_labels(type(dm))
     assert isinstance(dm, dt.DeltaModel) and type(model).__name__ in type(dm).__name__
 

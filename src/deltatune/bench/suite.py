@@ -195,7 +195,9 @@ def run_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out)
     results = out / report.RESULTS
     done = {k for k, r in report.latest(report.read(results)).items() if r.get("status") == "ok"} if cfg.resume else set()
-    cells = [(t, s, seed) for t in tasks for s in specs for seed in cfg.seeds]
+    # method-major: a suite stopped part-way holds whole rows (every task and seed of the first
+    # methods), which a table and the paired statistics can use; a task-major order would not
+    cells = [(t, s, seed) for s in specs for t in tasks for seed in cfg.seeds]
     log(f"{len(cells)} runs ({len(specs)} methods x {len(tasks)} tasks x {len(cfg.seeds)} seeds), "
         f"{cfg.budget.steps} steps each, on {runner.acc.device}; results in {out}", quiet)
     keys, t_start = [], time.perf_counter()

@@ -22,6 +22,22 @@ class CallContext:
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}
         self._branches: dict[int, int] = {}
+        self._inputs: dict[str, Any] = {}
+
+    # -- what the caller gave this call for the deltas (``dm(..., task_ids=t)``) -----------------
+    @contextlib.contextmanager
+    def inputs(self, **values: Any) -> Iterator[None]:
+        """Inside the block, layers read these caller-given values (None ones are left out):
+        they live for one model call, not until a reader pops them."""
+        before = dict(self._inputs)
+        self._inputs.update({k: v for k, v in values.items() if v is not None})
+        try:
+            yield
+        finally:
+            self._inputs = before
+
+    def call_input(self, key: str, default: Any = None) -> Any:
+        return self._inputs.get(key, default)
 
     # -- values layers pass on ----------------------------------------------------------------------
     def put(self, key: str, value: Any) -> None:

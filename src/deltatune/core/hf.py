@@ -125,10 +125,14 @@ def refused(name: str) -> Any:
     return refuse
 
 
+#: DeltaModel.forward's own keywords (Trainer keeps a dataset column only if forward names it)
+_OWN = ("deltas", "task_ids")
+
+
 @functools.cache
 def typed_class(base: type, wrapper: type) -> type:
     """A subclass of `wrapper` (DeltaModel) made for the base class `base`: its ``forward`` shows
-    `base`'s forward parameters (plus ``deltas=``), and for a Hugging Face base it is also a
+    `base`'s forward parameters (plus ``deltas=`` and ``task_ids=``), and for a Hugging Face base it is also a
     ``PreTrainedModel`` whose names act on the base (module docstring)."""
     namespace: dict[str, Any] = {"__module__": wrapper.__module__}
     forward = _typed_forward(base, wrapper)
@@ -146,11 +150,11 @@ def typed_class(base: type, wrapper: type) -> type:
 
 def _typed_forward(base: type, wrapper: type) -> Any:
     params = list(inspect.signature(base.forward).parameters.values())
-    if any(p.name == "deltas" for p in params):
-        return None  # the name is taken: keep the generic signature
-    keyword = inspect.Parameter("deltas", inspect.Parameter.KEYWORD_ONLY, default=None)
+    if any(p.name in _OWN for p in params):
+        return None  # a name is taken: keep the generic signature
+    own = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in _OWN]
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    signature = inspect.Signature(params[:at] + [keyword] + params[at:])
+    signature = inspect.Signature(params[:at] + own + params[at:])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return wrapper.forward(self, *args, **kwargs)

@@ -411,14 +411,28 @@ class DeltaModel(HFSurface, nn.Module):
                 f"ran: under transformers.Trainer / TRL pass callbacks=[deltatune.DeltaCallback()]; in "
                 f"your own loop call dm.step(i) after each optimizer step.")
 
-    def forward(self, *args: Any, deltas: list[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``deltas=[name per example]`` runs a mixed batch."""
-        out = self._forward(args, kwargs, deltas)
+    def forward(self, *args: Any, deltas: list[str | None] | None = None,
+                task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``deltas=[name per example]`` runs a mixed batch;
+        ``task_ids=`` (one integer per example) is for deltas that route by task (MoELoRA)."""
+        if task_ids is not None:
+            task_ids = self._check_task_ids(task_ids, args, kwargs)
+        with self.context.inputs(task_ids=task_ids):
+            out = self._forward(args, kwargs, deltas)
         if self.loss_adds_regularization and self.training and getattr(out, "loss", None) is not None:
             reg = self.regularization()
             if isinstance(reg, torch.Tensor):
                 out["loss"] = out["loss"] + reg
         return out
+
+    def _check_task_ids(self, task_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        t = first_tensor((args, kwargs))
+        rows = t.shape[0] if t is not None and t.dim() else None
+        ids = torch.as_tensor(task_ids, device=self._device())
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.is_complex() or len(ids) != rows:
+            raise ConfigError(f"task_ids= must be one integer task id per example (a 1-D integer tensor of "
+                              f"{rows} rows for this batch); got shape {tuple(ids.shape)}, dtype {ids.dtype}.")
+        return ids.long()
 
     def _forward(self, args: tuple, kwargs: dict, deltas: list[str | None] | None) -> Any:
         if deltas is not None:

@@ -416,7 +416,7 @@ class DeltaModel(HFSurface, nn.Module):
         """The base model's forward; ``deltas=[name per example]`` runs a mixed batch;
         ``task_ids=`` (one integer per example) is for deltas that route by task (MoELoRA)."""
         if task_ids is not None:
-            task_ids = self._check_task_ids(task_ids, args, kwargs)
+            task_ids = self._check_task_ids(task_ids, (args, kwargs))
         with self.context.inputs(task_ids=task_ids):
             out = self._forward(args, kwargs, deltas)
         if self.loss_adds_regularization and self.training and getattr(out, "loss", None) is not None:
@@ -425,11 +425,19 @@ class DeltaModel(HFSurface, nn.Module):
                 out["loss"] = out["loss"] + reg
         return out
 
-    def _check_task_ids(self, task_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-        t = first_tensor((args, kwargs))
+    @contextlib.contextmanager
+    def tasks(self, task_ids: Any) -> Iterator[None]:
+        """Inside the block every model call routes by these task ids (one per example): for
+        ``generate()``, which calls the base directly, or any caller that cannot pass ``task_ids=``."""
+        with self.context.inputs(task_ids=self._check_task_ids(task_ids, None)):
+            yield
+
+    def _check_task_ids(self, task_ids: Any, batch: tuple | None) -> torch.Tensor:
+        t = first_tensor(batch) if batch is not None else None
         rows = t.shape[0] if t is not None and t.dim() else None
         ids = torch.as_tensor(task_ids, device=self._device())
-        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.is_complex() or len(ids) != rows:
+        if (ids.dim() != 1 or ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool
+                or (rows is not None and len(ids) != rows)):
             raise ConfigError(f"task_ids= must be one integer task id per example (a 1-D integer tensor of "
                               f"{rows} rows for this batch); got shape {tuple(ids.shape)}, dtype {ids.dtype}.")
         return ids.long()

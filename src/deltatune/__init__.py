@@ -41,6 +41,7 @@ from .methods.qalora import QALoRAConfig
 from .methods.sparse_adapter import SparseAdapterConfig
 from .methods.unipelt import UniPELTConfig
 from .methods.vera import VeRAConfig
+from .lorahub import LoraHubResult, compose_lorahub
 from . import interop  # noqa: F401  (registers the peft checkpoint loader and saver)
 
 
@@ -64,6 +65,6 @@ __all__ = [
     "LoRAConfig", "LSTConfig", "LTSFTConfig", "MAMConfig", "MaskConfig", "PartialConfig",
     "PrefixConfig", "PromptConfig", "PTuningConfig", "SparseAdapterConfig", "UniPELTConfig",
     "VeRAConfig", "DeltaLoRAConfig", "DyLoRAConfig", "IncreLoRAConfig", "LoRAFAConfig", "LoRAPruneConfig",
-    "QALoRAConfig", "prune_model",
+    "QALoRAConfig", "prune_model", "compose_lorahub", "LoraHubResult",
 ]
 

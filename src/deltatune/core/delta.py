@@ -207,7 +207,17 @@ class Delta(nn.Module):
     @classmethod
     def weighted(cls, name: str, deltas: list[Delta], weights: list[float], model: nn.Module,
                  how: str = "linear", **options: Any) -> Delta:
-        """A new delta equal to a weighted combination of `deltas`; methods that define one override."""
+        """A new delta equal to a weighted combination of `deltas`: by default task arithmetic on
+        their dense weight updates (core/task_arith.py); methods with a combination of their own
+        (LoRA's factors) override, methods whose deltas do not add up use ``no_weighted``."""
+        from .task_arith import dense_weighted
+
+        return dense_weighted(name, deltas, weights, model, how=how, **options)
+
+    @classmethod
+    def no_weighted(cls, name: str, deltas: list[Delta], weights: list[float], model: nn.Module,
+                    how: str = "linear", **options: Any) -> Delta:
+        """Refuses: for methods whose deltas' weight updates must not be added up."""
         method = deltas[0].config.method
         raise MergeError(f"method {method!r} has no weighted combination into one delta: combine "
                          f"LoRA deltas, or run {method!r} deltas together with "

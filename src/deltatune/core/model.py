@@ -132,11 +132,21 @@ class DeltaModel(HFSurface, nn.Module):
         delta = type(deltas[0]).weighted(name, deltas, w, self.model, how=how, **options)
         return self._attach(name, delta)
 
+    def compose_lorahub(self, name: str, sources: list[str], examples: Any, **search: Any) -> Any:
+        """LoRAHub: weights for the LoRA deltas `sources` found gradient-free on `examples`; adds
+        the composed delta `name` as an ordinary ``lora`` (deltatune/lorahub.py)."""
+        from ..lorahub import compose_lorahub
+
+        return compose_lorahub(self, name, sources, examples, **search)
+
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(f"delta name {name!r} is invalid: use letters, digits, '_' or '-'.")
         if name in self.delta_modules:
             raise ConfigError(f"a delta named {name!r} exists already: remove it or pick a new name.")
+        if hasattr(self.delta_modules, name):  # torch's ModuleDict would raise a bare KeyError
+            raise ConfigError(f"delta name {name!r} is the name of a torch.nn.Module attribute (the deltas "
+                              f"are held in a ModuleDict): pick another name, e.g. {name + '_delta'!r}.")
 
     def _attach(self, name: str, delta: Delta) -> Delta:
         delta.to(self._device())

@@ -46,6 +46,16 @@ def register(name: str, config_cls: type[DeltaConfig], delta_cls: type[Delta], *
     _REGISTRY[name] = MethodSpec(name, config_cls, delta_cls, family, paper, lr)
 
 
+def dense_holder() -> type:
+    """The delta class that holds any dense weight updates (task arithmetic's result for methods
+    without a combination of their own): the registered class that defines ``from_updates``."""
+    _load_builtin()
+    found = [s.delta_cls for s in _REGISTRY.values() if "from_updates" in s.delta_cls.__dict__]
+    if len(found) != 1:
+        raise RuntimeError(f"exactly one registered method must define from_updates(); found {len(found)}")
+    return found[0]
+
+
 def _load_builtin() -> None:
     """Import every module of deltatune.methods once, so that they register themselves."""
     global _loaded

@@ -10,6 +10,12 @@ With dW_i = s_i B_i A_i the update of delta i on a module (zero where it has non
   entries that agree with it are averaged (disjoint mean); then SVD to ``rank``.
 - ``dare`` (Yu et al. 2024): each dW_i keeps a random ``density`` fraction of its entries (seeded),
   rescaled by 1/density; then the weighted sum and SVD to ``rank``.
+- ``magnitude_prune`` and ``dare_ties``: the trim of ``ties`` or the drop of ``dare`` (with ties's
+  sign election after the drop), then SVD to ``rank``. The dense strategies are core/task_arith.py's
+  (peft's definitions, which peft calls ``*_svd`` for LoRA; peft's ``ties`` / ``dare_*`` without
+  ``_svd`` combine A and B separately, which is not the combination of the updates).
+- ``cat``: peft's name for the exact concatenation, the same as ``linear`` here (peft's ``linear``
+  sums the A's and the B's of equal-rank deltas, whose product is not the sum of the updates).
 Task heads saved with the deltas combine as base + sum_i w_i (head_i - base). DoRA deltas have a
 per-row magnitude that does not combine linearly, so they are refused.
 
@@ -25,11 +31,12 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from ..core import task_arith
 from ..core.delta import Delta, key_to_path, path_to_key
 from ..core.layer import DeltaLayer, ParamCopy
 from ..errors import ConfigError, MergeError
 
-HOWS = ("linear", "svd", "ties", "dare")
+HOWS = ("linear", "cat", "svd", *(h for h in task_arith.DENSE if h != "linear"))
 
 
 class Factors(Protocol):
@@ -64,7 +71,8 @@ def weighted(cls: type[Delta], layer_type: type[DeltaLayer], name: str, deltas: 
                     if isinstance(lay, layer_type)}, key=order.__getitem__)
     parts = {p: [d.layers[path_to_key(p)] if path_to_key(p) in d.layers else None for d in deltas]
              for p in paths}
-    if how == "linear":  # every source factor kept: per module, the sum of the ranks found there
+    exact = how in ("linear", "cat")
+    if exact:  # every source factor kept: per module, the sum of the ranks found there
         ranks = {p: sum(x.factors()[0].shape[0] for x in ps if x is not None) for p, ps in parts.items()}
     else:
         r_max = max(x.lora_A.shape[0] for ps in parts.values() for x in ps if x is not None)
@@ -80,25 +88,24 @@ def weighted(cls: type[Delta], layer_type: type[DeltaLayer], name: str, deltas: 
     with torch.no_grad():
         for path in paths:
             layer: Factors = new.layers[path_to_key(path)]
-            if how == "linear":
+            if exact:
                 _concat(layer, parts[path], weights)
             else:
                 dense = [p.update().double() if p is not None else None for p in parts[path]]
-                _factorize(layer, _combine(dense, weights, how, density, gen))
-        _combine_heads(new, deltas, weights, model)
+                how_dense = "linear" if how == "svd" else how
+                _factorize(layer, task_arith.combine(dense, weights, how_dense, density, gen))
+        combine_heads(new, deltas, weights, model)
     return new
 
 
 def _check_options(how: str, rank: int | None, density: float) -> None:
-    if how not in HOWS:
-        raise ConfigError(f"how={how!r} is unknown: use one of {', '.join(HOWS)}.")
+    task_arith.check_options(how, density, HOWS)
     if rank is not None:
-        if how == "linear":
-            raise ConfigError("rank= applies to how='svd', 'ties' or 'dare' (linear keeps every factor).")
+        if how in ("linear", "cat"):
+            raise ConfigError(f"rank= applies to the re-factorized strategies ({', '.join(HOWS[2:])}); "
+                              f"how={how!r} keeps every factor.")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ConfigError(f"rank={rank!r} is invalid: expected a positive integer.")
-    if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise ConfigError(f"density={density!r} is invalid: expected a fraction in (0, 1].")
 
 
 def _concat(layer: Factors, parts: list[Factors | None], weights: list[float]) -> None:
@@ -110,32 +117,6 @@ def _concat(layer: Factors, parts: list[Factors | None], weights: list[float]) -
             b_blocks.append(b * w)
     layer.lora_A.copy_(torch.cat(a_blocks, dim=0))
     layer.lora_B.copy_(torch.cat(b_blocks, dim=1) / layer.scaling)
-
-
-def _combine(dense: list[torch.Tensor | None], weights: list[float], how: str, density: float,
-             gen: torch.Generator) -> torch.Tensor:
-    like = next(t for t in dense if t is not None)
-    tau = torch.stack([t if t is not None else torch.zeros_like(like) for t in dense])
-    w = torch.tensor(weights, dtype=tau.dtype).view(-1, *[1] * like.dim())
-    if how == "svd":
-        return (w * tau).sum(0)
-    if how == "dare":
-        keep = torch.rand(tau.shape, generator=gen, dtype=tau.dtype) < density
-        return (w * tau * keep / density).sum(0)
-    return _ties(tau, w, density)
-
-
-def _ties(tau: torch.Tensor, w: torch.Tensor, density: float) -> torch.Tensor:
-    flat = tau.reshape(len(tau), -1)
-    k = int(density * flat.shape[1])
-    trimmed = torch.zeros_like(flat)
-    if k > 0:
-        idx = flat.abs().topk(k, dim=1).indices
-        trimmed.scatter_(1, idx, flat.gather(1, idx))
-    trimmed = trimmed.view_as(tau)
-    elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
-    agree = (trimmed.sign() == elected).to(tau.dtype)
-    return (w * trimmed * agree).sum(0) / agree.sum(0).clamp(min=1.0)
 
 
 def _factorize(layer: Factors, dense: torch.Tensor) -> None:
@@ -152,7 +133,7 @@ def _factorize(layer: Factors, dense: torch.Tensor) -> None:
     layer.lora_B.copy_((b / layer.scaling).to(layer.lora_B.dtype))
 
 
-def _combine_heads(new: Delta, deltas: list[Delta], weights: list[float], model: nn.Module) -> None:
+def combine_heads(new: Delta, deltas: list[Delta], weights: list[float], model: nn.Module) -> None:
     for key, layer in new.layers.items():
         if not isinstance(layer, ParamCopy):
             continue

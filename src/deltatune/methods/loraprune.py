@@ -225,7 +225,7 @@ class LoRAPruneDelta(LoRADelta):
     config_cls = LoRAPruneConfig
     default_roles = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
     supported_types = (nn.Linear, Conv1D)
-    weighted = Delta.__dict__["weighted"]  # masks do not add up: refused, as the base class does
+    weighted = Delta.__dict__["no_weighted"]  # masks do not add up: refused
 
     def build(self, model: nn.Module) -> None:
         cfg = self.config

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from ..core.targets import num_layers
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
-from ..core.layer import ParamDiff
+from ..core.delta import key_to_path
+from ..core.layer import ParamCopy, ParamDiff
 from ..core.registry import register
 from ..core.targets import name_matches, select
-from ..errors import TargetError
+from ..errors import MergeError, TargetError
 from ..quant import is_quantized
 
 
@@ -79,6 +82,35 @@ class PartialDelta(Delta):
             by_module[path].append(pname)
         for path, names in by_module.items():
             self.add_layer(path, ParamDiff(model.get_submodule(path), names))
+
+
+    @classmethod
+    def from_updates(cls, name: str, updates: dict[str, torch.Tensor], model: nn.Module,
+                     heads: list[str]) -> PartialDelta:
+        """A partial delta whose differences are `updates` ({parameter name: dense change}); the
+        `heads` modules are saved whole (base + their update): how task arithmetic's combination
+        of any mergeable deltas is held (core/task_arith.py)."""
+        def in_head(n: str) -> bool:
+            return n.split(".", 1)[0] in heads
+
+        body = sorted(n for n in updates if not in_head(n))
+        if not body:
+            raise MergeError("the combination changes no base tensor outside the task heads (the weights "
+                             "cancel out, or the deltas are zero): there is nothing to hold in a delta.")
+        pattern = "|".join(re.escape(n) for n in body)
+        new = cls(name, PartialConfig(params=pattern, modules_to_save=heads), model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, layer in new.layers.items():
+                path = key_to_path(key)
+                if isinstance(layer, ParamDiff):
+                    for pname, diff in layer.diffs.items():
+                        diff.copy_(updates[f"{path}.{pname}" if path else pname])
+                elif isinstance(layer, ParamCopy):
+                    for pname, value in layer.values.items():
+                        full = f"{path}.{pname}" if path else pname
+                        value.copy_(params[full].detach() + updates.get(full, 0))
+        return new
 
 
 register("partial", PartialConfig, PartialDelta, family="partial", lr=5e-4,

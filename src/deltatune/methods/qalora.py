@@ -136,7 +136,7 @@ class QALoRALayer(LoRALayer):
 class QALoRADelta(LoRADelta):
     config_cls = QALoRAConfig
     supported_types = (nn.Linear, Conv1D)
-    weighted = Delta.__dict__["weighted"]  # LoRA's factor concatenation would lose the pooling: refused
+    weighted = Delta.__dict__["no_weighted"]  # LoRA's factor concatenation would lose the pooling: refused
 
     def make_layer(self, path: str, module: nn.Module) -> QALoRALayer:
         return QALoRALayer(module, self.config, *self.config.rank_alpha(path), path)
